@@ -1,0 +1,175 @@
+"""The run's typed config: one dataclass per Hydra config group, validated at start-up.
+
+Users write flat YAML under ``conf/``; Hydra composes it; :func:`load_run_config` turns it into a
+:class:`RunConfig` or raises :class:`~opd_exp.validation.ConfigError` naming the field, the value and the
+allowed values. Field docs here are the reference for every YAML key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from opd_exp.validation import ConfigError, spec, validate
+
+ESTIMATOR_NAMES = ["sampled_token", "seq_rkl", "full_rkl", "forward_kl", "jsd", "topk_rkl", "seq_kd"]
+RUNNER_NAMES = ["opd", "toy_gamma", "toy_exact"]
+
+
+@dataclass
+class EstimatorConfig:
+    """Which distillation objective, and its knobs (each estimator reads the fields it needs)."""
+
+    name: str = spec("sampled_token", "estimator name", choices=ESTIMATOR_NAMES)
+    gamma: float = spec(0.0, "discount of the reward-to-go: 0 token-level OPD, 1 sequence-level", ge=0.0, le=1.0)
+    kl_form: str = spec("k1", "single-sample KL form of the per-token reward", choices=["k1", "k2", "k3"])
+    clip_eps: float = spec(0.2, "PPO clip range of the importance ratio", gt=0.0, le=10.0)
+    baseline: str = spec("none", "baseline subtracted from the return", choices=["none", "mean"])
+    top_k: int = spec(32, "support size K of topk_rkl", ge=1)
+    support: str = spec("teacher", "whose top-K forms the support", choices=["teacher", "student"])
+    add_sampled: bool = spec(False, "append the sampled token to the support when outside top-K")
+    normalize: str = spec("renormalized", "renormalise both models over the support, or use full log-probs",
+                          choices=["renormalized", "none"])
+    tail: str = spec("none", "tail term outside the support", choices=["none", "sampled_is", "bucket"])
+    beta: float = spec(0.5, "generalised JSD mixture weight: 0 forward KL, 1 reverse KL", ge=0.0, le=1.0)
+    chunk_size: int = spec(1024, "positions per chunk for full-vocabulary losses", ge=1)
+    entropy_top_q: float = spec(1.0, "train only on this fraction of highest-entropy tokens (1 = off)",
+                                gt=0.0, le=1.0)
+
+
+@dataclass
+class MaskConfig:
+    """Special-token masking (part of the paper's fix): drop configured tokens from every loss term."""
+
+    enabled: bool = spec(False, "apply special-token masking")
+    tokens: list[Any] | None = spec(None, "token strings or ids to mask; null = the model pair's defaults")
+    mode: str = spec("first", "mask the first occurrence per response or all", choices=["first", "all"])
+
+
+@dataclass
+class TaskConfig:
+    """The prompt source and grader."""
+
+    name: str = spec("math", "task name", choices=["math"])
+    min_ops: int = spec(2, "fewest +/- operations in a training problem", ge=1)
+    max_ops: int = spec(4, "most +/- operations in a training problem", ge=1)
+    max_operand: int = spec(9, "operands are drawn from 0..max_operand", ge=1)
+    data_seed: int = spec(1234, "seed of the train/eval split generator (independent of the run seed)", ge=0)
+    n_train: int = spec(20000, "size of the training prompt pool", ge=1)
+    n_eval: int = spec(200, "prompts per eval split", ge=1)
+    eval_splits: dict = spec(default_factory=dict, doc="name -> overrides of min_ops/max_ops/max_operand")
+    dataset_path: str | None = spec(None, "optional JSONL of {question, answer} rows instead of generated data")
+
+
+@dataclass
+class ModelConfig:
+    """A (teacher, student) pair: the embedded tiny pair (bootstrapped) or any two checkpoints on disk."""
+
+    name: str = spec("tiny", "pair name, used in tables")
+    kind: str = spec("tiny", "tiny = bootstrap in-repo models; pretrained = load two checkpoints",
+                     choices=["tiny", "pretrained"])
+    teacher_path: str | None = spec(None, "teacher checkpoint dir (kind=pretrained)")
+    student_path: str | None = spec(None, "student checkpoint dir (kind=pretrained)")
+    tokenizer_path: str | None = spec(None, "tokenizer dir; default: the student's")
+    dtype: str = spec("float32", "parameter dtype", choices=["float32", "bfloat16", "float16"])
+    special_tokens: list[Any] = spec(default_factory=list, doc="default tokens for special-token masking")
+    bootstrap: dict = spec(default_factory=dict, doc="tiny-pair bootstrap settings (see opd_exp.bootstrap)")
+    cache_dir: str = spec("~/.cache/opd_exp", "where bootstrapped pairs are cached (keyed by config hash)")
+
+
+@dataclass
+class SamplingConfig:
+    """Student rollout sampling during training."""
+
+    temperature: float = spec(1.0, "softmax temperature", gt=0.0)
+    top_p: float = spec(1.0, "nucleus mass kept (1 = full distribution)", gt=0.0, le=1.0)
+    rollouts_per_prompt: int = spec(4, "rollouts sampled per prompt", ge=1)
+    max_new_tokens: int = spec(64, "response length cap; longer rollouts are truncated", ge=1)
+
+
+@dataclass
+class TrainConfig:
+    """The OPD loop."""
+
+    steps: int = spec(150, "rollout batches (optimizer rounds)", ge=0)
+    prompts_per_step: int = spec(16, "prompts per rollout batch", ge=1)
+    mini_batch_size: int = spec(64, "trajectories per optimizer step (PPO mini-batch)", ge=1)
+    ppo_epochs: int = spec(1, "passes over each rollout batch", ge=1)
+    lr: float = spec(5e-4, "AdamW learning rate", gt=0.0)
+    weight_decay: float = spec(0.0, "AdamW weight decay", ge=0.0)
+    lr_schedule: str = spec("constant", "learning-rate schedule", choices=["constant", "cosine"])
+    warmup_steps: int = spec(0, "linear warm-up steps", ge=0)
+    max_grad_norm: float = spec(1.0, "gradient clipping norm", gt=0.0)
+    eval_every: int = spec(0, "evaluate every N steps (0 = only before and after)", ge=0)
+    checkpoint_every: int = spec(25, "checkpoint every N steps (0 = only at the end)", ge=0)
+    log_every: int = spec(1, "write train metrics every N steps", ge=1)
+    max_nonfinite: int = spec(5, "consecutive non-finite updates before the run stops as diverged", ge=1)
+
+
+@dataclass
+class EvalConfig:
+    """Held-out evaluation of teacher, student before and student after."""
+
+    n_prompts: int | None = spec(None, "prompts per split (null = task.n_eval)", ge=1)
+    k: int = spec(4, "samples per prompt for avg@k and pass@k", ge=1)
+    temperature: float = spec(1.0, "sampling temperature for avg@k", gt=0.0)
+    top_p: float = spec(0.9, "nucleus mass for avg@k (the paper evaluates at 0.9)", gt=0.0, le=1.0)
+    max_new_tokens: int = spec(64, "response length cap at evaluation", ge=1)
+    batch_size: int = spec(128, "prompts per generation batch", ge=1)
+    teacher: bool = spec(True, "also evaluate the teacher")
+
+
+@dataclass
+class WandbConfig:
+    """Optional Weights & Biases mirror of metrics.jsonl (imported only when enabled)."""
+
+    enabled: bool = spec(False, "mirror metrics to wandb")
+    project: str = spec("opd-exp", "wandb project")
+    entity: str | None = spec(None, "wandb entity")
+    mode: str = spec("offline", "wandb mode", choices=["online", "offline", "disabled"])
+    group: str | None = spec(None, "run group (default: the experiment name)")
+
+
+@dataclass
+class RunConfig:
+    """Everything one run needs."""
+
+    seed: int = spec(0, "run seed (sampling, init of anything random)", ge=0)
+    runner: str = spec("opd", "what the run does", choices=RUNNER_NAMES)
+    experiment: str = spec("default", "experiment name (tables and wandb groups)")
+    device: str = spec("auto", "torch device", choices=["auto", "cpu", "cuda"])
+    threads: int = spec(0, "torch CPU threads (0 = torch default)", ge=0)
+    overwrite: bool = spec(False, "re-run a finished run dir instead of skipping it")
+    estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    toy: dict = spec(default_factory=dict, doc="toy-study settings (validated by opd_exp.toy)")
+    report: dict = spec(default_factory=dict, doc="how opd-exp-report lays out this experiment's tables")
+
+
+def check_cross_fields(cfg: RunConfig) -> None:
+    """Checks that involve several fields (those needing the vocabulary run after the models load)."""
+    if cfg.task.min_ops > cfg.task.max_ops:
+        raise ConfigError("task.min_ops", f"got {cfg.task.min_ops}, must be <= task.max_ops ({cfg.task.max_ops})")
+    batch = cfg.train.prompts_per_step * cfg.sampling.rollouts_per_prompt
+    if cfg.runner == "opd" and batch % cfg.train.mini_batch_size:
+        raise ConfigError(
+            "train.mini_batch_size",
+            f"got {cfg.train.mini_batch_size}, must divide the rollout batch "
+            f"(train.prompts_per_step * sampling.rollouts_per_prompt = {batch})")
+    if cfg.model.kind == "pretrained":
+        for name in ("teacher_path", "student_path"):
+            if not getattr(cfg.model, name):
+                raise ConfigError(f"model.{name}", "required when model.kind=pretrained")
+
+
+def load_run_config(node: Any) -> RunConfig:
+    """Validate a composed Hydra config (the ``hydra`` key excluded) into a :class:`RunConfig`."""
+    cfg = validate(RunConfig, node)
+    check_cross_fields(cfg)
+    return cfg

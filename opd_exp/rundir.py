@@ -1,0 +1,139 @@
+"""The files of one run directory, written so that nothing already written is lost.
+
+A run dir (Hydra's output dir) holds:
+    config.yaml        the resolved config
+    metrics.jsonl      one JSON object per line: {"step": int, "<ns>/<name>": float, ...}, ns in train/eval/diag
+    run_summary.json   status, results, wall time, seed, provenance (written atomically, updated at the end)
+    checkpoints/       the training state (see opd_exp.checkpoint)
+
+``run_summary.json`` schema (the report reads only this and metrics.jsonl):
+    status:      "running" | "completed" | "failed" | "diverged" | "interrupted"
+    runner, experiment, seed, overrides (list of "key=value" from the command line / sweep)
+    results:     flat {"<name>": float}, e.g. "student_after/id/pass@1", and "<name>_ci": [lo, hi]
+    wall_time_s, git_commit, versions, error (traceback text when failed)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+SUMMARY = "run_summary.json"
+METRICS = "metrics.jsonl"
+FINISHED = ("completed", "diverged")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_summary(run_dir: str | Path) -> dict | None:
+    """The run's summary, or None when absent or unreadable (a run killed before writing it)."""
+    try:
+        return read_json(Path(run_dir) / SUMMARY)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def is_finished(run_dir: str | Path) -> bool:
+    summary = read_summary(run_dir)
+    return bool(summary) and summary.get("status") in FINISHED
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``. On resume, lines at or past ``truncate_from_step`` are dropped so that
+    a resumed run's file equals an uninterrupted run's."""
+
+    def __init__(self, run_dir: str | Path, truncate_from_step: int | None = None):
+        self.path = Path(run_dir) / METRICS
+        if truncate_from_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if _complete_line_step(line) is not None and _complete_line_step(line) < truncate_from_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        line = json.dumps(_jsonable({"step": step, **metrics}), sort_keys=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+
+
+def _complete_line_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """All complete lines of ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("opd-exp", "torch", "transformers", "tokenizers", "hydra-core", "numpy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions
