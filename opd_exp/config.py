@@ -103,6 +103,8 @@ class TrainConfig:
     eval_every: int = spec(0, "evaluate every N steps (0 = only before and after)", ge=0)
     checkpoint_every: int = spec(25, "checkpoint every N steps (0 = only at the end)", ge=0)
     log_every: int = spec(1, "write train metrics every N steps", ge=1)
+    diag_every: int = spec(5, "log failure-mode diagnostics (diag/) every N steps (0 = off)", ge=0)
+    diag_top_k: int = spec(32, "teacher top-K used by the diagnostics (capped at the vocabulary)", ge=1)
     max_nonfinite: int = spec(5, "consecutive non-finite updates before the run stops as diverged", ge=1)
 
 

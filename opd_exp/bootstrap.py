@@ -1,0 +1,312 @@
+"""Build, SFT-train and cache the embedded default pair: a tiny teacher and a weaker student.
+
+    entry = ensure_tiny_pair(cfg.model, cfg.task)   # first call trains (minutes), later calls return at once
+    entry / "teacher", entry / "student", entry / "tokenizer"   # save_pretrained dirs; bootstrap.json: metrics
+
+Both models are randomly initialised Llama (or Qwen2) configs over the character tokenizer of
+:mod:`opd_exp.tokenization` and trained by supervised fine-tuning (loss on response tokens only) on the math
+task's worked traces. The gap between them is a **data gap** by default: the student has the capacity to learn
+the task (with the full pool it passes 80%), but it is SFT-trained to a plateau on only ``student.sft_examples``
+problems, so it has not learnt all the arithmetic facts the teacher knows; on-policy distillation over the full
+prompt pool can transfer them. See ``conf/model/tiny.yaml`` for the measured accuracies.
+
+Cache: ``<cache_dir>/<name>-<hash>`` where the hash covers the bootstrap settings, the task knobs that change
+the training data and :data:`BOOTSTRAP_VERSION` (bump it whenever a code change alters what is trained). An
+entry is built in a temp dir, marked complete, then renamed into place, under a file lock, so concurrent runs
+train once and a half-written entry is never loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from opd_exp.config import ModelConfig, TaskConfig
+from opd_exp.tasks.math import Example, MathTask
+from opd_exp.tokenization import Convention, build_tokenizer, resolve_token_ids
+from opd_exp.validation import ConfigError, spec, validate
+
+BOOTSTRAP_VERSION = 1  # bump when a code change alters the trained pair (invalidates every cache entry)
+COMPLETE = "COMPLETE"  # marker file, written last; an entry without it is never loaded
+META = "bootstrap.json"
+HASH_EXCLUDED = ("threads", "progress")  # settings that do not change what is trained
+
+
+@dataclass
+class MemberConfig:
+    """Architecture and SFT recipe of one bootstrapped model (teacher or student)."""
+
+    arch: str = spec("llama", "transformers config family", choices=["llama", "qwen2"])
+    hidden_size: int = spec(192, "model width", ge=8)
+    num_layers: int = spec(4, "transformer blocks", ge=1)
+    num_heads: int = spec(4, "attention heads (must divide hidden_size)", ge=1)
+    intermediate_size: int = spec(0, "MLP width (0 = 4 * hidden_size)", ge=0)
+    sft_examples: int = spec(0, "train problems the model sees (0 = the whole train pool): the data-gap knob",
+                             ge=0)
+    sft_steps: int = spec(2000, "optimizer steps", ge=0)
+    batch_size: int = spec(64, "sequences per step", ge=1)
+    lr: float = spec(2e-3, "AdamW peak learning rate (linear warm-up, cosine decay to 10%)", gt=0.0)
+    warmup_steps: int = spec(50, "linear warm-up steps", ge=0)
+    weight_decay: float = spec(0.0, "AdamW weight decay", ge=0.0)
+    max_seconds: float = spec(0.0, "stop SFT after this wall time (0 = no cap; makes results machine-dependent)",
+                              ge=0.0)
+    convention: Convention = field(default_factory=Convention)
+
+
+def _student_defaults() -> MemberConfig:
+    return MemberConfig(hidden_size=96, num_layers=2, num_heads=4, sft_examples=400, sft_steps=600)
+
+
+@dataclass
+class BootstrapConfig:
+    """``model.bootstrap``: how the tiny pair is built (the defaults live in conf/model/tiny.yaml)."""
+
+    seed: int = spec(0, "init and batch-order seed", ge=0)
+    threads: int = spec(0, "torch CPU threads while training (0 = leave torch's setting)", ge=0)
+    bf16: bool = spec(True, "bf16 autocast for SFT forward passes (CPU: ~1.5x faster)")
+    eval_examples: int = spec(200, "id-split problems greedily graded after SFT (recorded in bootstrap.json)",
+                              ge=1)
+    eval_every: int = spec(0, "grade 64 id problems every N steps for the progress bar (0 = only at the end)",
+                           ge=0)
+    progress: bool = spec(True, "show tqdm progress bars")
+    teacher: MemberConfig = field(default_factory=MemberConfig)
+    student: MemberConfig = field(default_factory=_student_defaults)
+
+
+def parse_bootstrap(node: dict) -> BootstrapConfig:
+    """Validate ``model.bootstrap`` (a plain dict) into a :class:`BootstrapConfig`; member keys given in
+    YAML override that member's defaults (so the student keeps its own defaults for unset keys)."""
+    node = dict(node or {})
+    members = {}
+    for role, default in (("teacher", MemberConfig()), ("student", _student_defaults())):
+        base = dataclasses.asdict(default)
+        over = node.pop(role, None) or {}
+        if not isinstance(over, dict):
+            raise ConfigError(f"model.bootstrap.{role}", f"got {over!r}, expected a mapping")
+        conv = {**base.pop("convention"), **(over.get("convention") or {})}
+        members[role] = {**base, **{k: v for k, v in over.items() if k != "convention"}, "convention": conv}
+    cfg = validate(BootstrapConfig, {**node, **members}, "model.bootstrap")
+    tok = build_tokenizer()
+    for role in ("teacher", "student"):
+        m: MemberConfig = getattr(cfg, role)
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(f"model.bootstrap.{role}.num_heads",
+                              f"got {m.num_heads}, must divide hidden_size ({m.hidden_size})")
+        c = m.convention
+        try:
+            resolve_token_ids(tok, [c.think_open, c.think_close, c.end])
+        except ValueError as err:
+            raise ConfigError(f"model.bootstrap.{role}.convention", str(err)) from None
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------------------------
+# cache key
+
+
+def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, boot: BootstrapConfig) -> str:
+    """12 hex digits of sha256 over the bootstrap settings, the task's data knobs and the code version."""
+    settings = {k: v for k, v in dataclasses.asdict(boot).items() if k not in HASH_EXCLUDED}
+    data = {k: getattr(task_cfg, k) for k in ("min_ops", "max_ops", "max_operand", "data_seed", "n_train",
+                                              "n_eval", "eval_splits", "dataset_path")}
+    if task_cfg.dataset_path and Path(task_cfg.dataset_path).expanduser().is_file():
+        st = Path(task_cfg.dataset_path).expanduser().stat()
+        data["dataset_stat"] = [st.st_size, int(st.st_mtime)]
+    blob = json.dumps({"version": BOOTSTRAP_VERSION, "bootstrap": settings, "task": data}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def entry_dir(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
+    """Where the pair for these configs lives (whether or not it exists yet)."""
+    boot = parse_bootstrap(model_cfg.bootstrap)
+    return Path(model_cfg.cache_dir).expanduser() / f"{model_cfg.name}-{cache_key(model_cfg, task_cfg, boot)}"
+
+
+def is_complete(entry: Path) -> bool:
+    return (entry / COMPLETE).is_file()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# models and data
+
+
+def build_model(m: MemberConfig, vocab_size: int, special_ids: dict, seed: int) -> torch.nn.Module:
+    """A randomly initialised causal LM (fp32) from a Llama or Qwen2 config; tied embeddings."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    cls = LlamaConfig if m.arch == "llama" else Qwen2Config
+    config = cls(vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+                 num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
+                 intermediate_size=m.intermediate_size or 4 * m.hidden_size, max_position_embeddings=256,
+                 tie_word_embeddings=True, **special_ids)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def encode_sft(task: MathTask, tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (prompt + target) ids (N, L), labels (N, L) with -100 on prompt and padding, lengths (N,)."""
+    rows = []
+    for ex in examples:
+        p = task.prompt_ids(tokenizer, ex)
+        t = tokenizer(task.target_text(ex), add_special_tokens=False)["input_ids"]
+        rows.append((p + t, [-100] * len(p) + t))
+    width = max(len(ids) for ids, _ in rows)
+    ids_NL = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels_NL = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (ids, labels) in enumerate(rows):
+        ids_NL[i, :len(ids)] = torch.tensor(ids)
+        labels_NL[i, :len(labels)] = torch.tensor(labels)
+    return ids_NL, labels_NL, torch.tensor([len(ids) for ids, _ in rows])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# greedy grading and SFT
+
+
+@torch.no_grad()
+def greedy_accuracy(model, tokenizer, task: MathTask, examples: list[Example], batch_size: int = 256,
+                    max_new_tokens: int = 64) -> float:
+    """Fraction of ``examples`` whose greedy completion (cut at the end token) grades correct."""
+    was_training = model.training
+    model.eval()
+    end_id = resolve_token_ids(tokenizer, [task.convention.end])[0]
+    correct = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        batch = tokenizer([task.prompt_text(tokenizer, ex) for ex in chunk], add_special_tokens=False,
+                          padding=True, return_tensors="pt").to(model.device)
+        out_BT = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_id,
+                                pad_token_id=tokenizer.pad_token_id)
+        for ex, row in zip(chunk, out_BT[:, batch["input_ids"].shape[1]:].tolist(), strict=True):
+            row = row[:row.index(end_id)] if end_id in row else row
+            correct += task.grade(tokenizer.decode(row), ex)
+    model.train(was_training)
+    return correct / max(len(examples), 1)
+
+
+def lr_at(step: int, m: MemberConfig) -> float:
+    """Linear warm-up to ``m.lr`` then cosine decay to 10% of it at ``m.sft_steps``."""
+    import math
+
+    if step < m.warmup_steps:
+        return m.lr * (step + 1) / m.warmup_steps
+    frac = (step - m.warmup_steps) / max(1, m.sft_steps - m.warmup_steps)
+    return m.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, desc: str) -> dict:
+    """Train ``model`` on ``data`` = (ids (N, L), labels (N, L), lengths (N,)) for ``m.sft_steps`` steps.
+
+    ``evaluate(model) -> float`` gives the progress bar's accuracy. Returns {"steps", "seconds", "loss"}.
+    """
+    ids_NL, labels_NL, lengths_N = data
+    gen = torch.Generator().manual_seed(boot.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=m.lr, betas=(0.9, 0.98), weight_decay=m.weight_decay)
+    model.train()
+    start, loss_ema, acc, step = time.time(), None, float("nan"), 0
+    bar = tqdm(range(m.sft_steps), desc=desc, disable=not boot.progress, mininterval=2.0)
+    for step in bar:
+        idx = torch.randint(0, ids_NL.shape[0], (m.batch_size,), generator=gen)
+        width = int(lengths_N[idx].max())  # trim the shared right padding to this batch's longest row
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, m)
+        mask_BL = torch.arange(width)[None, :] < lengths_N[idx, None]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=boot.bf16 and model.device.type == "cpu"):
+            loss = model(input_ids=ids_NL[idx, :width], attention_mask=mask_BL.long(),
+                         labels=labels_NL[idx, :width]).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        if boot.eval_every and (step + 1) % boot.eval_every == 0:
+            acc = evaluate(model)
+            model.train()
+        bar.set_postfix(loss=f"{loss_ema:.3f}", acc=f"{acc:.2f}", refresh=False)
+        if m.max_seconds and time.time() - start > m.max_seconds:
+            break
+    bar.close()
+    return {"steps": step + 1 if m.sft_steps else 0, "seconds": round(time.time() - start, 1),
+            "loss": loss_ema}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the cached pair
+
+
+def train_member(role: str, m: MemberConfig, boot: BootstrapConfig, task_cfg: TaskConfig, tokenizer,
+                 out: Path) -> dict:
+    """Build, SFT-train, grade and save one model (and the tokenizer) into ``out / role``."""
+    task = MathTask(task_cfg, convention=m.convention)
+    examples = task.train[:m.sft_examples] if m.sft_examples else task.train
+    special = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
+               "eos_token_id": resolve_token_ids(tokenizer, [m.convention.end])[0]}
+    model = build_model(m, len(tokenizer), special, seed=boot.seed + (role == "student"))
+    probe = task.eval_splits.get("id") or next(iter(task.eval_splits.values()))
+    stats = sft(model, encode_sft(task, tokenizer, examples), m, boot,
+                evaluate=lambda mod: greedy_accuracy(mod, tokenizer, task, probe[:64]),
+                desc=f"bootstrap {role} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)")
+    stats["n_examples"] = len(examples)
+    stats["params"] = sum(p.numel() for p in model.parameters())
+    stats["accuracy"] = {name: greedy_accuracy(model, tokenizer, task, split[:boot.eval_examples])
+                         for name, split in task.eval_splits.items()}
+    stats["accuracy_train"] = greedy_accuracy(model, tokenizer, task, examples[:boot.eval_examples])
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = special["eos_token_id"]
+    model.save_pretrained(out / role)
+    tokenizer.save_pretrained(out / role)
+    return stats
+
+
+def ensure_tiny_pair(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
+    """The cache entry dir holding ``tokenizer/``, ``teacher/``, ``student/`` for these configs.
+
+    Returns at once when the entry is complete; otherwise takes the entry's file lock (waiting for a
+    concurrent bootstrap of the same entry, which then is complete), trains both models into a temp dir,
+    writes the COMPLETE marker and renames the dir into place.
+    """
+    boot = parse_bootstrap(model_cfg.bootstrap)
+    entry = entry_dir(model_cfg, task_cfg)
+    if is_complete(entry):
+        return entry
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(entry) + ".lock"):
+        if is_complete(entry):  # another process finished it while we waited
+            return entry
+        if entry.exists():  # incomplete leftovers (never produced by this code's rename, but be safe)
+            shutil.rmtree(entry)
+        tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        threads = torch.get_num_threads()
+        if boot.threads:
+            torch.set_num_threads(boot.threads)
+        try:
+            start = time.time()
+            tokenizer = build_tokenizer()
+            tokenizer.save_pretrained(tmp / "tokenizer")
+            meta = {"version": BOOTSTRAP_VERSION, "bootstrap": dataclasses.asdict(boot),
+                    "task": dataclasses.asdict(task_cfg), "torch_threads": torch.get_num_threads()}
+            for role in ("teacher", "student"):
+                meta[role] = train_member(role, getattr(boot, role), boot, task_cfg, tokenizer, tmp)
+            meta["seconds"] = round(time.time() - start, 1)
+            (tmp / META).write_text(json.dumps(meta, indent=2, default=str))
+            (tmp / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+            os.rename(tmp, entry)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            torch.set_num_threads(threads)
+    print(f"[opd-exp] bootstrapped {entry} in {meta['seconds']:.0f}s: teacher {meta['teacher']['accuracy']}, "
+          f"student {meta['student']['accuracy']}")
+    return entry

@@ -1,0 +1,102 @@
+"""Held-out evaluation: greedy pass@1, sampled avg@k and unbiased pass@k, each with a 95% CI over prompts.
+
+Metric names (the keys of ``run_summary.json``'s results, per model and split):
+    greedy@1   share of prompts whose greedy completion is correct (Wilson interval)
+    avg@k      mean over prompts of the share of k samples that are correct (the paper's avg@32)
+    pass@k     unbiased pass@k of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code")
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from opd_exp.config import EvalConfig, SamplingConfig
+from opd_exp.rollout import rollout
+
+Z95 = 1.959963984540054
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al. 2021, eq. 1),
+    computed as a stable product."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"need 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def wilson_ci(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (stays inside [0, 1] at 0% and 100%)."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def mean_ci(values: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
+    """(mean, lo, hi): normal-approximation 95% CI of a mean over many prompts."""
+    n = len(values)
+    if n == 0:
+        return (math.nan, math.nan, math.nan)
+    mean = sum(values) / n
+    if n == 1:
+        return (mean, math.nan, math.nan)
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    half = z * math.sqrt(var / n)
+    return (mean, mean - half, mean + half)
+
+
+def _correct(task, tokenizer, ro, examples) -> list[bool]:
+    texts = tokenizer.batch_decode(ro.completion_ids_BT, skip_special_tokens=False)
+    return [task.grade(text, examples[i]) for text, i in zip(texts, ro.prompt_index_B.tolist(), strict=True)]
+
+
+def _generate_correct(model, tokenizer, task, examples, sampling, n, greedy, batch_size) -> list[list[bool]]:
+    """Correctness of n completions per example, as a list per example."""
+    per_example: list[list[bool]] = [[] for _ in examples]
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        prompts = [task.prompt_ids(tokenizer, ex) for ex in chunk]
+        ro = rollout(model, prompts, sampling, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                     n_per_prompt=n, greedy=greedy)
+        for i, ok in zip(ro.prompt_index_B.tolist(), _correct(task, tokenizer, ro, chunk), strict=True):
+            per_example[start + i].append(ok)
+    return per_example
+
+
+@torch.no_grad()
+def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, list],
+                   sampled: bool = True) -> dict[str, float | list]:
+    """``{"<split>/<metric>": value, "<split>/<metric>_ci": [lo, hi]}`` plus ``avg/<metric>`` over splits;
+    ``sampled=False`` computes greedy@1 only (cheap enough for periodic evaluation)."""
+    was_training = model.training
+    model.eval()
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, rollouts_per_prompt=cfg.k,
+                              max_new_tokens=cfg.max_new_tokens)
+    results: dict[str, float | list] = {}
+    for split, examples in splits.items():
+        examples = examples[: cfg.n_prompts] if cfg.n_prompts else examples
+        batch = max(1, cfg.batch_size // cfg.k)
+        greedy = [c[0] for c in _generate_correct(model, tokenizer, task, examples, sampling, 1, True,
+                                                  cfg.batch_size)]
+        results[f"{split}/greedy@1"] = sum(greedy) / len(greedy)
+        results[f"{split}/greedy@1_ci"] = list(wilson_ci(sum(greedy), len(greedy)))
+        if not sampled:
+            continue
+        samples = _generate_correct(model, tokenizer, task, examples, sampling, cfg.k, False, batch)
+        for name, per_prompt in ((f"avg@{cfg.k}", [sum(c) / len(c) for c in samples]),
+                                 (f"pass@{cfg.k}", [pass_at_k(len(c), sum(c), cfg.k) for c in samples])):
+            mean, lo, hi = mean_ci(per_prompt)
+            results[f"{split}/{name}"] = mean
+            results[f"{split}/{name}_ci"] = [lo, hi]
+    for metric in ("greedy@1", f"avg@{cfg.k}", f"pass@{cfg.k}") if sampled else ("greedy@1",):
+        results[f"avg/{metric}"] = sum(results[f"{s}/{metric}"] for s in splits) / len(splits)
+    model.train(was_training)
+    return results

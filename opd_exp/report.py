@@ -1,0 +1,850 @@
+"""opd-exp-report: run dirs -> the paper's tables (CSV, Markdown), figures (PNG) and a provenance README.
+
+Usage:
+    opd-exp-report multirun/math_main                       # -> results/math_main/
+    opd-exp-report multirun/*                               # every experiment found -> results/<experiment>/
+    opd-exp-report 'multirun/math_main/*recipe=ours*' --out /tmp/ours_only
+    python -m opd_exp.report multirun/ablation_k_topp
+
+Arguments are sweep dirs, run dirs or globs: every directory under them holding a run_summary.json or a
+.hydra/config.yaml is a run. Runs are grouped by experiment, then into cells by their overrides minus the seed;
+seeds are aggregated into mean, a 95% t-interval (n - 1 degrees of freedom; n = 1 gives none) and n. Failed and
+unfinished cells are listed in README.md with their error's last line, never fatal. With several experiments
+and --out, each goes to <out>/<experiment>/. Toy-study runs (runner toy_gamma / toy_exact) go to
+opd_exp.toy.report.write_toy_report.
+
+Layout: the experiment's `report:` block (conf/experiment/<name>.yaml) mirrors the paper's rows x columns:
+
+    report:
+      title: "Table 1: ..."
+      curves: [train/loss, train/response_len]   # metrics.jsonl keys plotted over steps (mean, CI band)
+      facets: [model]                            # keys that split every table in one per value (default)
+      tables:
+        - name: main
+          metric: avg@4                          # greedy@1 | avg@<k> | pass@<k>
+          columns: [splits, avg]                 # splits = every eval split; hardest = the split on which
+                                                 # the teacher scores lowest; or split names
+          rows:                                  # layout 1: explicit rows
+            - {label: Teacher, who: teacher}     # who: teacher | student_before | student_after (default)
+            - {label: Ours, where: {recipe: ours, mask.enabled: false}}
+        - name: k                                # layout 2: one row per value of `x` among runs matching `fixed`
+          metric: avg@4
+          columns: [splits, avg]
+          x: estimator.top_k
+          fixed: {recipe: [ours, f6/k1, f6/k4]}  # a list matches any of its values
+        - name: lr                               # layout 3: pivot, rows = `index` values, columns = `x`
+          metric: avg@4                          # values, at one split; the best column per row is marked
+          split: avg
+          index: recipe
+          x: train.lr
+
+Keys in where / fixed / x / index / facets are looked up in the run's overrides first (group choices such as
+recipe=ours or estimator=topk_v2), then in its resolved config by dotted path (estimator.top_k). Runs without
+a report block get one generic table: every cell (its varying overrides) x every result.
+
+Outputs per experiment: README.md (provenance and every table), <table>.md, <table>.csv (long: row, column,
+mean, ci_lo, ci_hi, n), cells.csv, runs.csv, bars_<table>.png, curves_<table>.png, x_<table>.png (layouts 2, 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import math
+import sys
+import traceback
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opd_exp import rundir
+from opd_exp.validation import ConfigError, spec, validate
+
+FINISHED = rundir.FINISHED
+TOY_RUNNERS = ("toy_gamma", "toy_exact")
+NOT_CELL_KEYS = {"seed", "experiment", "overwrite", "device", "threads", "wandb.enabled", "wandb.mode"}
+WHO = ("teacher", "student_before", "student_after")
+DEFAULT_CURVES = ["train/loss", "train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy"]
+CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom); "
+           "n = 1 has no interval (nan in the CSV).")
+
+
+# ----------------------------------------------------------------------------- statistics
+
+def t_two_sided_mass(t: float, dof: int) -> float:
+    """P(|T| < t) for Student's t with integer ``dof`` (closed form, Abramowitz & Stegun 26.7.3-4)."""
+    theta = math.atan(t / math.sqrt(dof))
+    c2, s = math.cos(theta) ** 2, math.sin(theta)
+    if dof % 2 == 1:
+        total, term = (0.0, 0.0) if dof == 1 else (1.0, 1.0)  # cos + 2/3 cos^3 + (2*4)/(3*5) cos^5 ...
+        for j in range(1, (dof - 1) // 2):
+            term *= c2 * (2 * j) / (2 * j + 1)
+            total += term
+        return 2 / math.pi * (theta + s * math.cos(theta) * total)
+    total = term = 1.0  # 1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 ...
+    for j in range(1, dof // 2):
+        term *= c2 * (2 * j - 1) / (2 * j)
+        total += term
+    return s * total
+
+
+def t_quantile(prob: float, dof: int) -> float:
+    """The ``prob`` quantile (prob > 0.5) of Student's t with ``dof`` degrees of freedom, by bisection."""
+    target = 2 * prob - 1  # P(|T| < q)
+    lo, hi = 0.0, 1.0
+    while t_two_sided_mass(hi, dof) < target:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_mass(mid, dof) < target else (lo, mid)
+    return (lo + hi) / 2
+
+
+@dataclass
+class Stat:
+    """Mean over seeds with a two-sided t-interval; lo/hi are NaN when n < 2."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> Stat:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    n = len(vals)
+    if n == 0:
+        return Stat(math.nan, math.nan, math.nan, 0)
+    mean = sum(vals) / n
+    if n == 1:
+        return Stat(mean, math.nan, math.nan, 1)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
+    return Stat(mean, mean - half, mean + half, n)
+
+
+# ----------------------------------------------------------------------------- reading run dirs
+
+def parse_value(text: Any) -> Any:
+    """An override's value as Hydra would type it: bool, null, int, float or the string itself."""
+    if not isinstance(text, str):
+        return text
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("null", "none"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def same_value(a: Any, b: Any) -> bool:
+    a, b = parse_value(a), parse_value(b)
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+@dataclass
+class Run:
+    """One run dir as the report sees it."""
+
+    path: Path
+    summary: dict
+    config: dict
+    overrides: dict[str, Any]
+    override_list: list[str]
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unfinished (no run_summary.json)")
+
+    @property
+    def usable(self) -> bool:
+        return self.status in FINISHED and bool(self.summary.get("results"))
+
+    @property
+    def results(self) -> dict:
+        return self.summary.get("results") or {}
+
+    @property
+    def seed(self) -> Any:
+        return first_set(self.summary.get("seed"), self.config.get("seed"), self.overrides.get("seed"))
+
+    @property
+    def experiment(self) -> str:
+        return str(first_set(self.summary.get("experiment"), self.config.get("experiment"),
+                             self.overrides.get("experiment"), "default"))
+
+    @property
+    def runner(self) -> str:
+        return str(first_set(self.summary.get("runner"), self.config.get("runner"), "opd"))
+
+    def lookup(self, key: str) -> Any:
+        """Overrides first (group choices), then the resolved config by dotted path; None when absent."""
+        if key in self.overrides:
+            return self.overrides[key]
+        node: Any = self.config
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
+    @property
+    def cell(self) -> tuple:
+        """(key, value text) of every override that defines the cell (the seed and run knobs left out)."""
+        pairs = (o.partition("=")[::2] for o in self.override_list if "=" in o)
+        return tuple(sorted((k.lstrip("+~"), v) for k, v in pairs
+                            if k.lstrip("+~") not in NOT_CELL_KEYS and not k.startswith("hydra")))
+
+
+def first_set(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def split_override(text: str) -> tuple[str, Any]:
+    key, _, value = text.partition("=")
+    return key.lstrip("+~"), parse_value(value)
+
+
+def read_config(path: Path) -> dict:
+    """The resolved config.yaml, or Hydra's own copy (resolved when possible) for runs that failed early."""
+    from omegaconf import OmegaConf
+
+    if (path / "config.yaml").exists():
+        return yaml.safe_load((path / "config.yaml").read_text()) or {}
+    hydra_cfg = path / ".hydra" / "config.yaml"
+    if not hydra_cfg.exists():
+        return {}
+    node = OmegaConf.load(hydra_cfg)
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # an interpolation that needs Hydra's runtime: keep it unresolved
+        return OmegaConf.to_container(node, resolve=False)
+
+
+def load_run(path: Path) -> Run:
+    summary = rundir.read_summary(path) or {}
+    override_list = summary.get("overrides")
+    if override_list is None and (path / ".hydra" / "overrides.yaml").exists():
+        override_list = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text())
+    override_list = [str(o) for o in override_list or []]
+    overrides = dict(split_override(o) for o in override_list if "=" in o)
+    return Run(path, summary, read_config(path), overrides, override_list)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / rundir.SUMMARY).is_file() or (path / ".hydra" / "config.yaml").is_file()
+
+
+def find_run_dirs(args: list[str]) -> list[Path]:
+    """Run dirs named by, or found below, each argument (a dir or a glob)."""
+    found: set[Path] = set()
+    for arg in args:
+        for top in [Path(p) for p in sorted(glob.glob(arg))] or [Path(arg)]:
+            if is_run_dir(top):
+                found.add(top.resolve())
+            elif top.is_dir():
+                for marker in list(top.rglob(rundir.SUMMARY)) + list(top.rglob(".hydra/config.yaml")):
+                    run = marker.parent.parent if marker.parent.name == ".hydra" else marker.parent
+                    if ".submitit" not in run.parts:
+                        found.add(run.resolve())
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- the report block
+
+@dataclass
+class RowSpec:
+    """One explicit row of a table."""
+
+    label: str = spec("", "row label as in the paper")
+    who: str = spec("student_after", "whose evaluation", choices=list(WHO))
+    where: dict = spec(default_factory=dict, doc="key -> value every run of the row matches")
+
+
+@dataclass
+class TableSpec:
+    """One table: explicit rows, an `x` sweep, or an `index` x `x` pivot."""
+
+    name: str = spec("main", "file stem of the table")
+    title: str = spec("", "heading")
+    metric: str = spec("avg@4", "greedy@1 | avg@<k> | pass@<k>")
+    columns: list[str] = spec(default_factory=lambda: ["splits", "avg"], doc="splits | avg | hardest | <split>")
+    rows: list[RowSpec] = spec(default_factory=list, doc="explicit rows (layout 1)")
+    x: str | None = spec(None, "key whose values are the rows (layout 2) or the columns (layout 3)")
+    fixed: dict = spec(default_factory=dict, doc="key -> value the runs of layout 2 match")
+    index: str | None = spec(None, "key whose values are the rows of a pivot (layout 3)")
+    split: str = spec("avg", "the split a pivot reports")
+
+
+@dataclass
+class ReportSpec:
+    """The `report:` block of an experiment file."""
+
+    title: str = spec("", "title of README.md")
+    curves: list[str] = spec(default_factory=lambda: list(DEFAULT_CURVES), doc="metrics.jsonl keys to plot")
+    facets: list[str] = spec(default_factory=lambda: ["model"], doc="keys splitting every table per value")
+    tables: list[TableSpec] = spec(default_factory=list, doc="the tables")
+
+
+def report_spec(runs: list[Run]) -> ReportSpec | None:
+    """The report block of the first run that has one (validated), or None for ad-hoc sweeps."""
+    block = next((r.config.get("report") for r in runs if r.config.get("report")), None)
+    if not block:
+        return None
+    return validate(ReportSpec, block, "report")
+
+
+# ----------------------------------------------------------------------------- tables
+
+@dataclass
+class Table:
+    """A laid-out table: rows x columns of Stat, plus where each row came from."""
+
+    name: str
+    title: str
+    metric: str
+    columns: list[str]
+    cells: dict[str, dict[str, Stat]] = field(default_factory=dict)  # row label -> column -> Stat
+    row_runs: dict[str, list[Run]] = field(default_factory=dict)  # row label -> student_after runs (curves)
+    notes: list[str] = field(default_factory=list)
+    x_key: str | None = None
+    marks: set = field(default_factory=set)  # (row, column) cells marked * (a pivot's best column)
+
+
+def matches(run: Run, where: dict) -> bool:
+    """Every key has the given value (or one of the given values, when a list)."""
+    return all(any(same_value(run.lookup(k), one) for one in (v if isinstance(v, list) else [v]))
+               for k, v in where.items())
+
+
+def split_names(runs: list[Run]) -> list[str]:
+    """Eval splits in the task's order (resolved config), else in the order results mention them."""
+    seen: list[str] = []
+    for run in runs:
+        configured = list(((run.config.get("task") or {}).get("eval_splits") or {}).keys())
+        found = [k.split("/")[1] for k in run.results if k.count("/") == 2 and k.split("/")[0] in WHO]
+        for name in configured + found:
+            if name != "avg" and name not in seen and any(f"/{name}/" in k for k in run.results):
+                seen.append(name)
+    return seen
+
+
+def who_values(runs: list[Run], who: str, split: str, metric: str) -> list[float]:
+    """One value per seed: student_after per run; teacher / student_before averaged over the runs of a seed."""
+    key = f"{who}/{split}/{metric}"
+    by_seed: dict[Any, list[float]] = defaultdict(list)
+    for i, run in enumerate(runs):
+        value = run.results.get(key)
+        if value is not None:
+            by_seed[run.seed if who != "student_after" else (run.seed, i)].append(float(value))
+    return [sum(v) / len(v) for v in by_seed.values()]
+
+
+def hardest_split(runs: list[Run], metric: str) -> str | None:
+    """The split with the lowest mean teacher score (student_before breaks ties and stands in)."""
+    splits = split_names(runs)
+    if not splits:
+        return None
+
+    def score(split: str) -> tuple:
+        teacher = mean_ci(who_values(runs, "teacher", split, metric)).mean
+        student = mean_ci(who_values(runs, "student_before", split, metric)).mean
+        return (teacher if not math.isnan(teacher) else math.inf, student if not math.isnan(student) else math.inf)
+
+    return min(splits, key=score)
+
+
+def expand_columns(spec_columns: list[str], runs: list[Run], metric: str) -> tuple[list[str], list[str]]:
+    """(split names, column headers): `splits` -> every split, `hardest` -> the teacher's worst split."""
+    splits, headers = [], []
+    for col in spec_columns:
+        if col == "splits":
+            names = split_names(runs)
+            splits += names
+            headers += names
+        elif col == "hardest":
+            name = hardest_split(runs, metric)
+            if name:
+                splits.append(name)
+                headers.append(f"hardest ({name})")
+        else:
+            splits.append(col)
+            headers.append(col)
+    return splits, headers
+
+
+def fill_row(table: Table, label: str, runs: list[Run], who: str, splits: list[str], headers: list[str]) -> None:
+    table.cells[label] = {h: mean_ci(who_values(runs, who, s, table.metric))
+                          for s, h in zip(splits, headers, strict=True)}
+    if who == "student_after":
+        table.row_runs[label] = runs
+    else:
+        table.notes.append(f"row '{label}': the {who} evaluation every run makes, averaged per seed")
+    n_cells = len({r.cell for r in runs})
+    if who == "student_after" and n_cells > 1:
+        table.notes.append(f"row '{label}' pools {n_cells} cells: add the differing key to `where` or `facets`")
+
+
+def rows_table(ts: TableSpec, runs: list[Run], usable: list[Run]) -> Table:
+    splits, headers = expand_columns(ts.columns, usable, ts.metric)
+    table = Table(ts.name, ts.title, ts.metric, headers)
+    for row in ts.rows:
+        picked = [r for r in usable if matches(r, row.where)] if row.who == "student_after" else usable
+        fill_row(table, row.label, picked, row.who, splits, headers)
+        if not picked and any(matches(r, row.where) for r in runs):
+            table.notes.append(f"row '{row.label}': no finished run yet")
+    return table
+
+
+def sorted_values(values: list[Any]) -> list[Any]:
+    try:
+        return sorted(set(values), key=lambda v: (parse_value(v) is None, parse_value(v)))
+    except TypeError:
+        return sorted(set(values), key=str)
+
+
+def x_table(ts: TableSpec, usable: list[Run]) -> Table:
+    picked = [r for r in usable if matches(r, ts.fixed)]
+    splits, headers = expand_columns(ts.columns, usable, ts.metric)
+    table = Table(ts.name, ts.title, ts.metric, headers, x_key=ts.x)
+    for value in sorted_values([r.lookup(ts.x) for r in picked]):
+        fill_row(table, f"{ts.x}={value}", [r for r in picked if same_value(r.lookup(ts.x), value)],
+                 "student_after", splits, headers)
+    return table
+
+
+def pivot_table(ts: TableSpec, usable: list[Run]) -> Table:
+    xs = sorted_values([r.lookup(ts.x) for r in usable])
+    table = Table(ts.name, ts.title, ts.metric, [f"{ts.x}={x}" for x in xs], x_key=ts.x)
+    for index in sorted_values([r.lookup(ts.index) for r in usable]):
+        row_runs = [r for r in usable if same_value(r.lookup(ts.index), index)]
+        stats = {f"{ts.x}={x}": mean_ci(who_values([r for r in row_runs if same_value(r.lookup(ts.x), x)],
+                                                   "student_after", ts.split, ts.metric)) for x in xs}
+        best = max((h for h in stats if stats[h].n), key=lambda h: stats[h].mean, default=None)
+        label = f"{ts.index}={index}"
+        table.cells[label] = stats
+        if best:
+            table.marks.add((label, best))
+        table.notes.append(f"{label}: best {best or 'n/a'} (highest mean; * in the table)")
+        table.row_runs[label] = row_runs
+    return table
+
+
+def build_table(ts: TableSpec, runs: list[Run]) -> Table:
+    usable = [r for r in runs if r.usable and r.runner == "opd"]
+    if ts.index and ts.x:
+        return pivot_table(ts, usable)
+    if ts.x:
+        return x_table(ts, usable)
+    return rows_table(ts, runs, usable)
+
+
+def generic_table(runs: list[Run]) -> Table:
+    """Ad-hoc sweeps: a row per cell (its varying overrides), a column per result (student_after when present)."""
+    usable = [r for r in runs if r.usable]
+    keys = sorted({k for r in usable for k, v in r.results.items() if isinstance(v, (int, float))})
+    after = [k for k in keys if k.startswith("student_after/")]
+    keys = after or keys
+    table = Table("main", "every cell x every result (no report block)", "", keys)
+    varying = varying_keys(runs)
+    for cell, cell_runs in group_cells(usable).items():
+        label = cell_label(cell, varying)
+        table.cells[label] = {k: mean_ci([r.results.get(k) for r in cell_runs]) for k in keys}
+        table.row_runs[label] = cell_runs
+    return table
+
+
+def group_cells(runs: list[Run]) -> dict[tuple, list[Run]]:
+    cells: dict[tuple, list[Run]] = defaultdict(list)
+    for run in runs:
+        cells[run.cell].append(run)
+    return dict(sorted(cells.items()))
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Cell keys whose value differs between runs (a key some runs lack counts as differing)."""
+    cells = [dict(r.cell) for r in runs]
+    keys = {k for c in cells for k in c}
+    return sorted(k for k in keys if len({c.get(k) for c in cells}) > 1)
+
+
+def cell_label(cell: tuple, varying: list[str]) -> str:
+    items = dict(cell)
+    return ",".join(f"{k}={items[k]}" if k in items else f"{k}=(unset)" for k in varying) or "all"
+
+
+# ----------------------------------------------------------------------------- writing tables
+
+def is_score(metric: str) -> bool:
+    return "@" in metric
+
+
+def fmt(stat: Stat, percent: bool) -> str:
+    if stat.n == 0:
+        return "–"
+    scale = 100.0 if percent else 1.0
+    if stat.n == 1:
+        return f"{stat.mean * scale:.1f} (n=1)" if percent else f"{stat.mean:.4g} (n=1)"
+    half = (stat.hi - stat.lo) / 2 * scale
+    return f"{stat.mean * scale:.1f} ± {half:.1f}" if percent else f"{stat.mean:.4g} ± {half:.2g}"
+
+
+def markdown(table: Table) -> str:
+    percent = is_score(table.metric) or all(is_score(c) for c in table.columns)
+    unit = f"{table.metric} (%)" if table.metric and percent else table.metric or "value"
+    header = ["row"] + table.columns + ["n"]
+    lines = [f"### {table.title or table.name}", "", f"Metric: {unit}. {CI_NOTE}", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, stats in table.cells.items():
+        ns = sorted({s.n for s in stats.values() if s.n})
+        n_text = "0" if not ns else str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+        values = [fmt(stats[c], percent) + (" *" if (label, c) in table.marks else "") for c in table.columns]
+        lines.append("| " + " | ".join([label] + values + [n_text]) + " |")
+    lines += [""] + [f"- {note}" for note in table.notes]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def table_frame(table: Table):
+    import pandas as pd
+
+    rows = [{"table": table.name, "row": label, "column": col, "metric": table.metric, "mean": s.mean,
+             "ci_lo": s.lo, "ci_hi": s.hi, "n": s.n}
+            for label, stats in table.cells.items() for col, s in stats.items()]
+    return pd.DataFrame(rows, columns=["table", "row", "column", "metric", "mean", "ci_lo", "ci_hi", "n"])
+
+
+def runs_frame(runs: list[Run]):
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        row = {"run_dir": str(run.path), "status": run.status, "seed": run.seed, "runner": run.runner,
+               "wall_time_s": run.summary.get("wall_time_s"), "overrides": " ".join(run.override_list),
+               "git_commit": run.summary.get("git_commit")}
+        row |= {k: v for k, v in run.results.items() if isinstance(v, (int, float))}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cells_frame(runs: list[Run]):
+    import pandas as pd
+
+    varying = varying_keys(runs)
+    rows = []
+    for cell, cell_runs in group_cells([r for r in runs if r.usable]).items():
+        keys = sorted({k for r in cell_runs for k, v in r.results.items() if isinstance(v, (int, float))})
+        for key in keys:
+            s = mean_ci([r.results.get(key) for r in cell_runs])
+            rows.append({"cell": cell_label(cell, varying), "key": key, "mean": s.mean, "ci_lo": s.lo,
+                         "ci_hi": s.hi, "n": s.n})
+    return pd.DataFrame(rows, columns=["cell", "key", "mean", "ci_lo", "ci_hi", "n"])
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_figure(table: Table, path: Path) -> bool:
+    """Grouped bars: one group per column (split), one bar per row, 95% CI error bars."""
+    labels = [lab for lab, stats in table.cells.items() if any(s.n for s in stats.values())]
+    columns = table.columns
+    if not labels or not columns:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(columns) * (1 + 0.25 * len(labels))), 3.6))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        stats = [table.cells[label][c] for c in columns]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(columns))]
+        means = [s.mean for s in stats]
+        errs = [[0 if math.isnan(s.lo) else s.mean - s.lo for s in stats],
+                [0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
+    ax.set_xticks(range(len(columns)), columns, rotation=15 if len(columns) > 4 else 0)
+    ax.set_ylabel(table.metric or "value")
+    ax.set_title(table.title or table.name, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def curve_stats(runs: list[Run], key: str) -> tuple[list[int], list[Stat]]:
+    """Per step, the mean and CI over the runs (seeds) that logged ``key`` at that step."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        for row in rundir.read_metrics(run.path):
+            if row.get(key) is not None and "step" in row:
+                by_step[int(row["step"])].append(float(row[key]))
+    steps = sorted(by_step)
+    return steps, [mean_ci(by_step[s]) for s in steps]
+
+
+def curve_figure(table: Table, keys: list[str], path: Path, max_lines: int = 12) -> bool:
+    """One panel per metrics.jsonl key, one line per row (mean over seeds) with its CI band."""
+    rows = list(table.row_runs.items())[:max_lines]
+    data = {k: [(lab, *curve_stats(rs, k)) for lab, rs in rows] for k in keys}
+    data = {k: [d for d in v if d[1]] for k, v in data.items()}
+    data = {k: v for k, v in data.items() if v}
+    if not data:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(data), figsize=(3.4 * len(data), 3.0), squeeze=False)
+    for ax, (key, lines) in zip(axes[0], data.items(), strict=True):
+        for label, steps, stats in lines:
+            line, = ax.plot(steps, [s.mean for s in stats], label=label, lw=1.2)
+            ax.fill_between(steps, [s.lo for s in stats], [s.hi for s in stats], alpha=0.2,
+                            color=line.get_color(), lw=0)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def x_figure(table: Table, path: Path) -> bool:
+    """Metric against a numeric `x` (layout 2: one line per column; layout 3: one line per row)."""
+    if not table.x_key:
+        return False
+    series: dict[str, list[tuple[float, Stat]]] = defaultdict(list)
+    for label, stats in table.cells.items():
+        for col, s in stats.items():
+            if not s.n:
+                continue
+            pivot = col.startswith(f"{table.x_key}=")
+            x = parse_value((col if pivot else label).split("=", 1)[1])
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                series[label if pivot else col].append((float(x), s))
+    if not series:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for name, points in series.items():
+        points.sort(key=lambda p: p[0])
+        xs, stats = [p[0] for p in points], [p[1] for p in points]
+        errs = [[0 if math.isnan(s.lo) else s.mean - s.lo for s in stats],
+                [0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]]
+        ax.errorbar(xs, [s.mean for s in stats], yerr=errs, marker="o", capsize=2, label=name)
+    xs_all = [p[0] for pts in series.values() for p in pts]
+    if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
+        ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs_all) else 10)
+    ax.set_xlabel(table.x_key)
+    ax.set_ylabel(table.metric)
+    ax.set_title(table.title or table.name, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- provenance
+
+def last_line(text: str | None) -> str:
+    lines = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def sweep_command(runs: list[Run]) -> tuple[str, list[str]]:
+    """`opd-exp <overrides shared by every run>` and the swept keys with their values."""
+    shared = [o for o in runs[0].override_list if all(o in r.override_list for r in runs)] if runs else []
+    shared.sort(key=lambda o: not o.startswith("experiment="))
+    values: dict[str, set] = defaultdict(set)
+    for run in runs:
+        for key, value in run.overrides.items():
+            if f"{key}={value}" not in shared and not any(o.startswith(f"{key}=") for o in shared):
+                values[key].add(str(value))
+    swept = [f"{k} in {{{', '.join(sorted(v))}}}" for k, v in sorted(values.items())]
+    return "opd-exp " + " ".join(shared), swept
+
+
+def scale_lines(runs: list[Run]) -> list[str]:
+    keys = ["model.name", "train.steps", "train.prompts_per_step", "sampling.rollouts_per_prompt",
+            "sampling.max_new_tokens", "task.n_eval", "eval.k", "device"]
+    out = []
+    for key in keys:
+        values = sorted({str(r.lookup(key)) for r in runs if r.lookup(key) is not None})
+        if values:
+            out.append(f"{key}={'|'.join(values)}")
+    return out
+
+
+def provenance(runs: list[Run], args: list[str]) -> list[str]:
+    command, swept = sweep_command(runs)
+    commits = sorted({str(r.summary.get("git_commit")) for r in runs if r.summary.get("git_commit")})
+    seeds = sorted({r.seed for r in runs if r.seed is not None}, key=str)
+    wall = [float(r.summary.get("wall_time_s") or 0.0) for r in runs]
+    versions = next((r.summary.get("versions") for r in runs if r.summary.get("versions")), {})
+    return [
+        "## How this was made", "",
+        f"- report: `opd-exp-report {' '.join(args)}` on {datetime.date.today().isoformat()}; "
+        "nothing in this directory is edited by hand",
+        f"- sweep: `{command}`" + (f", swept: {'; '.join(swept)}" if swept else ""),
+        f"- run dirs: {len(runs)} ({', '.join(sorted({str(r.path.parent) for r in runs}))})",
+        f"- git commit(s): {', '.join(commits) or 'unknown'}",
+        f"- seeds: {', '.join(map(str, seeds)) or 'unknown'}",
+        f"- scale: {', '.join(scale_lines(runs)) or 'unknown'}",
+        f"- wall time: {sum(wall) / 3600:.2f} h summed over runs (per cell below)",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items())) or 'unknown'}", ""]
+
+
+def cell_sections(runs: list[Run]) -> list[str]:
+    varying = varying_keys(runs)
+    lines = ["## Cells", "", "| cell | runs | finished | wall time (min, summed) |", "|---|---|---|---|"]
+    for cell, cell_runs in group_cells(runs).items():
+        done = sum(r.status in FINISHED for r in cell_runs)
+        wall = sum(float(r.summary.get("wall_time_s") or 0.0) for r in cell_runs) / 60
+        lines.append(f"| {cell_label(cell, varying)} | {len(cell_runs)} | {done} | {wall:.1f} |")
+    bad = [r for r in runs if r.status not in FINISHED or r.status == "diverged"]
+    lines += ["", "## Failed, diverged or unfinished runs", ""]
+    if not bad:
+        return lines + ["None.", ""]
+    lines += ["| cell | seed | status | error (last line) | run dir |", "|---|---|---|---|---|"]
+    for run in bad:
+        error = last_line(run.summary.get("error")).replace("|", "\\|")
+        lines.append(f"| {cell_label(run.cell, varying)} | {run.seed} | {run.status} | {error} | {run.path} |")
+    return lines + ["", "Re-running the same sweep command re-executes only these cells (finished ones are "
+                    "skipped).", ""]
+
+
+# ----------------------------------------------------------------------------- one experiment
+
+def facet_groups(runs: list[Run], facets: list[str]) -> dict[str, list[Run]]:
+    """Runs split by the facet keys that vary among them; '' when none varies."""
+    varying = [f for f in facets if len({repr(r.lookup(f)) for r in runs}) > 1]
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[",".join(f"{f}={run.lookup(f)}" for f in varying)].append(run)
+    return dict(sorted(groups.items()))
+
+
+def write_tables(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[str]:
+    """Every table of the experiment into out/, returning the Markdown to inline in README.md."""
+    import pandas as pd
+
+    md, frames = [], []
+    facets = facet_groups(runs, spec_.facets) if spec_ else {"": runs}
+    for facet, facet_runs in facets.items():
+        tables = [build_table(ts, facet_runs) for ts in spec_.tables] if spec_ and spec_.tables \
+            else [generic_table(facet_runs)]
+        for table in tables:
+            stem = table.name + (f"__{facet}" if facet else "")
+            if facet:
+                table.title = f"{table.title or table.name} [{facet}]"
+            text = markdown(table)
+            (out / f"{stem}.md").write_text(text)
+            frame = table_frame(table)
+            frame.insert(1, "facet", facet)
+            frame.to_csv(out / f"{stem}.csv", index=False)
+            frames.append(frame)
+            figures = [name for name, ok in (
+                (f"bars_{stem}.png", bar_figure(table, out / f"bars_{stem}.png")),
+                (f"curves_{stem}.png", curve_figure(table, spec_.curves if spec_ else DEFAULT_CURVES,
+                                                    out / f"curves_{stem}.png")),
+                (f"x_{stem}.png", x_figure(table, out / f"x_{stem}.png"))) if ok]
+            md += [text] + [f"![{name}]({name})" for name in figures] + [""]
+    if frames:
+        pd.concat(frames).to_csv(out / "tables.csv", index=False)
+    return md
+
+
+def toy_report(runs: list[Run], out: Path) -> list[str]:
+    """Hand toy-study runs to the toy module's own report (tolerating its absence)."""
+    try:
+        from opd_exp.toy.report import write_toy_report
+    except ImportError as err:
+        return [f"Toy-study figures: not written (opd_exp.toy.report unavailable: {err}).", ""]
+    write_toy_report([r.path for r in runs if r.usable], out)
+    return ["Toy-study tables and figures: written by opd_exp.toy.report.write_toy_report.", ""]
+
+
+def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    spec_ = report_spec(runs)
+    title = (spec_.title if spec_ and spec_.title else name)
+    body = [f"# {title} (`{name}`)", ""] + provenance(runs, args)
+    toy = [r for r in runs if r.runner in TOY_RUNNERS]
+    if toy:
+        body += ["## Toy study", ""] + toy_report(toy, out)
+    opd = [r for r in runs if r.runner not in TOY_RUNNERS]
+    if opd:
+        body += ["## Tables", ""] + write_tables(opd, out, spec_ if not toy else None)
+    elif toy:
+        write_tables(toy, out, None)
+    body += cell_sections(runs)
+    runs_frame(runs).to_csv(out / "runs.csv", index=False)
+    cells_frame(runs).to_csv(out / "cells.csv", index=False)
+    readme = out / "README.md"
+    text = "\n".join(body).rstrip() + "\n"
+    if readme.exists() and toy and "opd-exp-report" not in readme.read_text():
+        text = readme.read_text().rstrip() + "\n\n" + text  # keep what the toy report wrote
+    readme.write_text(text)
+    return readme
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def group_by_experiment(runs: list[Run]) -> dict[str, list[Run]]:
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        groups[run.experiment].append(run)
+    return dict(sorted(groups.items()))
+
+
+def report(paths: list[str], out: str | None = None, results_root: str = "results") -> list[Path]:
+    """Read the run dirs under ``paths`` and write one report per experiment; returns the README paths."""
+    runs = [load_run(p) for p in find_run_dirs(paths)]
+    if not runs:
+        raise FileNotFoundError(f"no run dirs (run_summary.json or .hydra/config.yaml) under {paths}")
+    groups = group_by_experiment(runs)
+    readmes = []
+    for name, exp_runs in groups.items():
+        target = Path(out) / name if out and len(groups) > 1 else Path(out or Path(results_root) / name)
+        readmes.append(write_experiment(name, exp_runs, target, paths))
+        n_bad = sum(r.status not in FINISHED for r in exp_runs)
+        print(f"[opd-exp-report] {name}: {len(exp_runs)} runs ({n_bad} not finished) -> {target}")
+    return readmes
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="opd-exp-report", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="sweep dirs, run dirs or globs")
+    parser.add_argument("--out", default=None, help="output dir (default: results/<experiment>)")
+    args = parser.parse_args(argv)
+    try:
+        report(args.paths, args.out)
+    except (FileNotFoundError, ConfigError) as err:
+        print(f"[opd-exp-report] {err}", file=sys.stderr)
+        return 2
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

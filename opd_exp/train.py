@@ -1,0 +1,299 @@
+"""The OPD loop: rollouts -> teacher scores -> estimator loss -> optimizer steps, with eval and checkpoints.
+
+    for step in range(steps):
+        rollouts  = the student (or, for off-policy seq_kd, the teacher) samples completions of a prompt batch
+        pi_old    = the student's log-probs of those tokens before this batch's updates (PPO ratios)
+        teacher   = one teacher forward per row chunk, keeping exactly what the estimator's Needs ask for
+        for each PPO epoch and mini-batch: loss = estimator(student logits, batch); AdamW step
+        log train/ and diag/ metrics; evaluate every eval_every steps; checkpoint every checkpoint_every
+
+The loop never branches on the estimator's name. A run resumes bit-exactly from its last checkpoint; SIGTERM
+checkpoints and exits with status "interrupted"; non-finite losses or gradients skip the update.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from opd_exp import checkpoint
+from opd_exp.config import RunConfig
+from opd_exp.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
+from opd_exp.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
+from opd_exp.evaluate import evaluate_model
+from opd_exp.masks import special_token_mask_BT
+from opd_exp.models import ModelPair, load_pair
+from opd_exp.rollout import Rollout, completion_logits, rollout
+from opd_exp.scoring import score_student_old, score_teacher
+from opd_exp.tasks.math import MathTask
+from opd_exp.tokenization import resolve_token_ids
+from opd_exp.tracking import Tracker
+from opd_exp.validation import ConfigError
+
+# ----------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def check_against_vocab(cfg: RunConfig, vocab_size: int) -> None:
+    """Cross-field checks that need the loaded pair."""
+    if cfg.estimator.name == "topk_rkl" and cfg.estimator.top_k > vocab_size:
+        raise ConfigError("estimator.top_k", f"got {cfg.estimator.top_k}, allowed: 1..{vocab_size} (vocab size)")
+
+
+def prompts_for_step(n_pool: int, seed: int, step: int, n: int) -> list[int]:
+    """Indices of step ``step``'s prompts: epochs over a seeded permutation of the pool (pure function, so the
+    data position needs no state beyond the step)."""
+    out = []
+    for pos in range(step * n, (step + 1) * n):
+        epoch, offset = divmod(pos, n_pool)
+        perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perm[offset]))
+    return out
+
+
+def make_scheduler(optimizer, cfg: RunConfig):
+    def factor(step: int) -> float:
+        if step < cfg.train.warmup_steps:
+            return (step + 1) / cfg.train.warmup_steps
+        if cfg.train.lr_schedule == "cosine":
+            progress = (step - cfg.train.warmup_steps) / max(1, cfg.train.steps - cfg.train.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def loss_mask(ro: Rollout, cfg: RunConfig, special_ids: list[int], entropy_BT: torch.Tensor) -> torch.Tensor:
+    """completion & ~special tokens (& highest-entropy tokens): every estimator sees the same mask."""
+    mask = ro.completion_mask_BT.clone()
+    if cfg.mask.enabled and special_ids:
+        mask &= ~special_token_mask_BT(ro.completion_ids_BT, ro.completion_mask_BT, special_ids, cfg.mask.mode)
+    if cfg.estimator.entropy_top_q < 1.0:
+        from opd_exp.masks import entropy_top_q_mask
+
+        mask &= entropy_top_q_mask(entropy_BT, mask, cfg.estimator.entropy_top_q)
+    return mask
+
+
+def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: EstimatorSpec, optimizer,
+               scheduler, special_ids: list[int], diagnose: bool = False
+               ) -> tuple[dict[str, float], bool, DiagInputs | None]:
+    """One rollout batch and its PPO mini-batch updates.
+
+    Returns (metrics, all updates finite, the diagnostics' inputs when ``diagnose``)."""
+    needs = spec.needs(cfg.estimator)
+    policy = pair.student if needs.rollout_policy == "student" else pair.teacher
+    tok = pair.tokenizer
+    ro = rollout(policy, prompts, cfg.sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    diag_k = min(cfg.train.diag_top_k, len(tok)) if diagnose else 0
+    old = score_student_old(pair.student, ro, top_k=needs.student_topk or diag_k)
+    teacher = score_teacher(pair.teacher, ro, needs, old.topk_ids_BTK if needs.student_topk else None,
+                            top_k=diag_k)
+    mask = loss_mask(ro, cfg, special_ids, old.entropy_BT)
+    device = next(pair.student.parameters()).device
+    student_at_teacher_topk = torch.zeros_like(teacher.topk_logprobs_BTK) if diagnose else None
+    advantages = torch.zeros_like(old.logprobs_BT) if diagnose else None
+
+    totals: dict[str, float] = {}
+    n_updates, finite = 0, True
+    B, mb = len(ro), cfg.train.mini_batch_size
+    for _ in range(cfg.train.ppo_epochs):
+        order = torch.randperm(B)
+        for start in range(0, B, mb):
+            rows = order[start:start + mb]
+            batch = EstimatorBatch(tokens_BT=ro.completion_ids_BT[rows].to(device), mask_BT=mask[rows].to(device),
+                                   old_logprobs_BT=old.logprobs_BT[rows].to(device),
+                                   teacher=_rows(teacher, rows, device))
+            logits = completion_logits(pair.student, ro[rows]).float()
+            out = spec.loss(logits, batch, cfg.estimator)
+            if diagnose:  # the student as it is updated on these rows (pi_old on the first mini-batch)
+                with torch.no_grad():
+                    student_at_teacher_topk[rows] = torch.log_softmax(logits, -1).gather(
+                        -1, teacher.topk_ids_BTK[rows].to(device)).cpu()
+                    if out.advantages_BT is not None and advantages is not None:
+                        advantages[rows] = out.advantages_BT.detach().float().cpu()
+                    else:
+                        advantages = None
+            optimizer.zero_grad(set_to_none=True)
+            ok = bool(torch.isfinite(out.loss))
+            if ok:
+                out.loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(),
+                                                                 cfg.train.max_grad_norm))
+                ok = math.isfinite(grad_norm)
+            if ok:
+                optimizer.step()
+                _accumulate(totals, {"loss": out.loss.item(), "grad_norm": grad_norm, **out.metrics})
+                n_updates += 1
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                finite = False
+    scheduler.step()
+    metrics = {f"train/{k}": v / max(n_updates, 1) for k, v in totals.items()}
+    lengths = ro.lengths_B.float()
+    metrics |= {"train/response_len": float(lengths.mean()), "train/truncated": float(ro.truncated_B.float().mean()),
+                "train/entropy": _masked_mean(old.entropy_BT, ro.completion_mask_BT),
+                "train/teacher_logprob": _masked_mean(teacher.sampled_logprobs_BT, ro.completion_mask_BT),
+                "train/logprob_gap": _masked_mean(teacher.sampled_logprobs_BT - old.logprobs_BT,
+                                                  ro.completion_mask_BT),
+                "train/masked_tokens": float((ro.completion_mask_BT & ~mask).sum()),
+                "train/updates": float(n_updates), "train/lr": scheduler.get_last_lr()[0]}
+    if not diagnose:
+        return metrics, finite, None
+    diag = DiagInputs(tokens_BT=ro.completion_ids_BT, completion_mask_BT=ro.completion_mask_BT, loss_mask_BT=mask,
+                      student_logprobs_BT=old.logprobs_BT, truncated_B=ro.truncated_B, special_ids=special_ids,
+                      teacher_logprobs_BT=teacher.sampled_logprobs_BT, student_entropy_BT=old.entropy_BT,
+                      teacher_topk_ids_BTK=teacher.topk_ids_BTK, teacher_topk_logprobs_BTK=teacher.topk_logprobs_BTK,
+                      student_logprobs_at_teacher_topk_BTK=student_at_teacher_topk,
+                      student_topk_ids_BTK=old.topk_ids_BTK[..., :teacher.topk_ids_BTK.shape[-1]],
+                      advantages_BT=advantages)
+    return metrics | step_diagnostics(diag, top_p=cfg.eval.top_p), finite, diag
+
+
+def _rows(scores, rows, device):
+    return type(scores)(**{k: (v[rows].to(device) if v is not None else None) for k, v in vars(scores).items()})
+
+
+def _accumulate(totals: dict[str, float], values: dict[str, float]) -> None:
+    for k, v in values.items():
+        totals[k] = totals.get(k, 0.0) + float(v)
+
+
+def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
+    return float((x_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1))
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class _StopFlag:
+    """Set by SIGTERM (a scheduler's pre-emption notice); the loop checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. some launchers): no handler
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dict[str, float]:
+    """Teacher and student-before results, with a fixed eval seed so every run of a sweep sees the same."""
+    results = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.task.data_seed)
+        if cfg.eval.teacher:
+            results |= {f"teacher/{k}": v for k, v in
+                        evaluate_model(pair.teacher, pair.tokenizer, task, cfg.eval, task.eval_splits).items()}
+        results |= {f"student_before/{k}": v for k, v in
+                    evaluate_model(pair.student, pair.tokenizer, task, cfg.eval, task.eval_splits).items()}
+    return results
+
+
+def run(cfg: RunConfig, run_dir: Path) -> dict:
+    """Train and evaluate one run in ``run_dir``; resume from its checkpoint when there is one."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    task = MathTask(cfg.task)
+    pair = load_pair(cfg.model, cfg.task, device)
+    check_against_vocab(cfg, len(pair.tokenizer))
+    special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens) \
+        if cfg.mask.enabled else []
+    spec = ESTIMATORS[cfg.estimator.name]
+    student = pair.student
+    student.train()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = make_scheduler(optimizer, cfg)
+
+    ckpt = checkpoint.load(run_dir)
+    if ckpt is not None:
+        checkpoint.restore(ckpt, model=student, optimizer=optimizer, scheduler=scheduler)
+        start, state = ckpt["step"], ckpt["loop_state"]
+        print(f"[opd-exp] resuming {run_dir} at step {start}/{cfg.train.steps}")
+    else:
+        start, state = 0, {"before": evaluate_pair_before(pair, task, cfg), "nonfinite_total": 0,
+                           "nonfinite_streak": 0}
+    tracker = Tracker(run_dir, cfg, resume_step=start)
+    status = "completed"
+    with _StopFlag() as stop:
+        bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="opd", leave=False)
+        for step in bar:
+            t0 = time.time()
+            idx = prompts_for_step(len(task.train), cfg.seed, step, cfg.train.prompts_per_step)
+            prompts = [task.prompt_ids(pair.tokenizer, task.train[i]) for i in idx]
+            last = step == cfg.train.steps - 1
+            diagnose = bool(cfg.train.diag_every) and (step % cfg.train.diag_every == 0 or last)
+            metrics, finite, diag = train_step(pair, prompts, cfg, spec, optimizer, scheduler, special_ids, diagnose)
+            if diag is not None and (step == 0 or last):
+                save_raw_samples(run_dir / "diag" / f"samples_step{step}.npz", diag, seed=cfg.seed)
+            state["nonfinite_streak"] = 0 if finite else state["nonfinite_streak"] + 1
+            state["nonfinite_total"] += 0 if finite else 1
+            metrics["train/nonfinite_skips"] = float(state["nonfinite_total"])
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                metrics |= _periodic_eval(pair, task, cfg)
+            if (step + 1) % cfg.train.log_every == 0 or not finite:
+                tracker.log(step, metrics, time_s=time.time() - t0)
+            bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
+                            len=f"{metrics['train/response_len']:.1f}")
+            if state["nonfinite_streak"] >= cfg.train.max_nonfinite:
+                status = "diverged"
+                print(f"[opd-exp] {state['nonfinite_streak']} non-finite updates in a row at step {step}: "
+                      f"stopping (last batch: {metrics})")
+                break
+            done = step + 1
+            if stop.requested or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                checkpoint.save(run_dir, step=done, model=student, optimizer=optimizer, scheduler=scheduler,
+                                loop_state=state)
+            if stop.requested:
+                tracker.finish()
+                return {"status": "interrupted", "results": {}}
+    checkpoint.save(run_dir, step=cfg.train.steps if status == "completed" else step, model=student,
+                    optimizer=optimizer, scheduler=scheduler, loop_state=state)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.task.data_seed + 1)
+        after = evaluate_model(student, pair.tokenizer, task, cfg.eval, task.eval_splits)
+    results = dict(state["before"]) | {f"student_after/{k}": v for k, v in after.items()}
+    results["train/nonfinite_skips"] = state["nonfinite_total"]
+    tracker.log(cfg.train.steps, {f"eval/student_after/{k}": v for k, v in after.items() if "_ci" not in k})
+    tracker.finish()
+    return {"status": status, "results": results}
+
+
+def _periodic_eval(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dict[str, float]:
+    """Greedy accuracy per split during training (independent of the training RNG stream)."""
+    with torch.random.fork_rng(devices=[]):
+        res = evaluate_model(pair.student, pair.tokenizer, task, cfg.eval, task.eval_splits, sampled=False)
+    return {f"eval/student/{k}": v for k, v in res.items() if not k.endswith("_ci")}

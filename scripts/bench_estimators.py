@@ -1,0 +1,233 @@
+"""Peak extra memory and time of each estimator's loss (forward + backward) at B*T = 4096 positions.
+
+Usage:
+    python scripts/bench_estimators.py --threads 1          # CPU, V in {1k, 32k, 152k}, ~4 min (shared 2 cores)
+    python scripts/bench_estimators.py --vocab 1024 --threads 1 --out /tmp/bench   # quick check
+    python scripts/bench_estimators.py --device cuda        # torch.cuda.max_memory_allocated
+
+Writes <out>/estimators.csv and <out>/estimators.md (command, machine, date) and prints the table.
+
+What is measured, per (estimator, V): the student logits (B, T, V) float32 with grad and the teacher tensors
+that the estimator's ``Needs`` ask for are allocated first (``teacher_MB``: their size); then the peak memory
+above that baseline while computing the loss and d loss / d logits (``peak_extra_MB``). That peak includes
+the (B, T, V) gradient of the logits that every loss returns (``grad_MB``); ``workspace_MB`` = peak_extra -
+grad is what the loss itself keeps alive. CPU memory: Linux's peak resident set size (VmHWM), reset by writing
+5 to /proc/self/clear_refs before each call, minus VmRSS just before it; tensors above glibc's mmap threshold
+(fixed here at 64 KiB: the script re-executes itself with MALLOC_MMAP_THRESHOLD_=65536) are mmapped and
+unmapped on free, so RSS follows every tensor above 64 KiB exactly; smaller ones are noise (< 1 MB).
+Time: wall clock of one forward + backward after a warm-up call at V = 1024 (one run per cell: the machine
+is shared; treat differences < 20% as noise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import gc
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from opd_exp.config import EstimatorConfig
+from opd_exp.estimators import ESTIMATORS, EstimatorBatch, Needs, TeacherScores
+
+CONFIGS = {  # bench name -> EstimatorConfig fields
+    "sampled_token": dict(name="sampled_token"),
+    "seq_rkl": dict(name="seq_rkl"),
+    "full_rkl": dict(name="full_rkl"),
+    "forward_kl": dict(name="forward_kl"),
+    "jsd": dict(name="jsd", beta=0.5),
+    "topk_rkl_v1": dict(name="topk_rkl", top_k=32),
+    "topk_rkl_v3": dict(name="topk_rkl", top_k=32, add_sampled=True),
+    "topk_rkl_v5": dict(name="topk_rkl", top_k=32, normalize="none", tail="sampled_is"),
+    "seq_kd": dict(name="seq_kd"),
+}
+# seq_rkl, topk_rkl_v3 and seq_kd run the same kernels as sampled_token / topk_rkl_v1 (--estimators adds them)
+DEFAULT = ["sampled_token", "full_rkl", "forward_kl", "jsd", "topk_rkl_v1", "topk_rkl_v5"]
+# at V > LARGE_V only these run by default (the 2-core machine is shared; forward_kl and jsd scale like full_rkl)
+LARGE_DEFAULT = ["sampled_token", "full_rkl", "topk_rkl_v1"]
+LARGE_V = 65536
+MB = 2**20
+MMAP_THRESHOLD = 65536
+
+
+# --- memory probes ------------------------------------------------------------------------------------
+
+
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+class MemoryProbe:
+    """baseline() before the call, peak_extra_bytes() after it (CPU: VmHWM - VmRSS; CUDA: allocator stats)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def baseline(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.base = _proc_status_kb("VmRSS") * 1024
+
+    def peak_extra_bytes(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return _proc_status_kb("VmHWM") * 1024 - self.base
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+
+def make_inputs(needs: Needs, B: int, T: int, V: int, device, gen: torch.Generator):
+    """Student logits (with grad) and exactly the teacher tensors ``needs`` asks for (random values: the cost
+    does not depend on them). Teacher log-probs are normalised row chunk by row chunk (no extra (B, T, V))."""
+    logits_BTV = torch.randn(B, T, V, generator=gen).mul_(2.0).to(device).requires_grad_(True)
+    tokens_BT = torch.randint(0, V, (B, T), generator=gen).to(device)
+    old_BT = -torch.rand(B, T, generator=gen).to(device) * 5
+    t = TeacherScores()
+    if needs.teacher_sampled:
+        t.sampled_logprobs_BT = -torch.rand(B, T, generator=gen).to(device) * 5
+    if needs.teacher_full:
+        full_BTV = torch.randn(B, T, V, generator=gen).to(device)
+        for b in range(B):
+            full_BTV[b] = torch.log_softmax(full_BTV[b], -1)
+        t.full_logprobs_BTV = full_BTV
+    for k, ids_name, lp_name in ((needs.teacher_topk, "topk_ids_BTK", "topk_logprobs_BTK"),
+                                 (needs.student_topk, "student_topk_ids_BTK", "at_student_topk_logprobs_BTK")):
+        if k:
+            setattr(t, ids_name, torch.randint(0, V, (B, T, min(k, V)), generator=gen).to(device))
+            setattr(t, lp_name, -torch.rand(B, T, min(k, V), generator=gen).to(device) * 5)
+    mask_BT = torch.ones(B, T, dtype=torch.bool, device=device)
+    batch = EstimatorBatch(tokens_BT=tokens_BT, mask_BT=mask_BT, old_logprobs_BT=old_BT, teacher=t)
+    teacher_bytes = sum(x.numel() * x.element_size() for x in vars(t).values() if x is not None)
+    return logits_BTV, batch, teacher_bytes
+
+
+def measure(name: str, V: int, args, device, probe: MemoryProbe) -> dict:
+    cfg = EstimatorConfig(**CONFIGS[name], chunk_size=args.chunk_size)
+    spec = ESTIMATORS[cfg.name]
+    gen = torch.Generator().manual_seed(0)
+    logits_BTV, batch, teacher_bytes = make_inputs(spec.needs(cfg), args.batch, args.seq, V, device, gen)
+    probe.baseline()
+    start = time.perf_counter()
+    loss = spec.loss(logits_BTV, batch, cfg).loss
+    (grad_BTV,) = torch.autograd.grad(loss, logits_BTV)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = probe.peak_extra_bytes()
+    grad_bytes = grad_BTV.numel() * grad_BTV.element_size()
+    assert torch.isfinite(loss), (name, V)
+    del logits_BTV, batch, loss, grad_BTV
+    return {"estimator": name, "V": V, "positions": args.batch * args.seq, "teacher_MB": teacher_bytes / MB,
+            "peak_extra_MB": peak / MB, "grad_MB": grad_bytes / MB, "workspace_MB": (peak - grad_bytes) / MB,
+            "time_s": seconds}
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+COLUMNS = ["estimator", "V", "positions", "teacher_MB", "peak_extra_MB", "grad_MB", "workspace_MB", "time_s"]
+
+
+def format_table(rows: list[dict]) -> str:
+    def cell(row, col):
+        value = row[col]
+        return f"{value:.1f}" if col.endswith("_MB") else f"{value:.2f}" if col == "time_s" else str(value)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    """The goal: topk_rkl (K = 32) at the largest V uses <= 1/10 of full_rkl's extra memory."""
+    V = max(r["V"] for r in rows)
+    by_name = {r["estimator"]: r for r in rows if r["V"] == V}
+    if "topk_rkl_v1" not in by_name or "full_rkl" not in by_name:
+        return []
+    topk, full = by_name["topk_rkl_v1"], by_name["full_rkl"]
+    out = [f"Goal check at V = {V} (topk_rkl V1, K = 32, vs full_rkl; <= 0.10 meets the goal):"]
+    for label, key in (("peak extra incl. the logits gradient", "peak_extra_MB"),
+                       ("workspace (peak extra minus the logits gradient)", "workspace_MB")):
+        ratio = topk[key] / max(full[key], 1e-9)
+        out.append(f"- {label}: {topk[key]:.1f} / {full[key]:.1f} MB = {ratio:.3f} "
+                   f"({'met' if ratio <= 0.1 else 'NOT met'})")
+    tot_t, tot_f = topk["peak_extra_MB"] + topk["teacher_MB"], full["peak_extra_MB"] + full["teacher_MB"]
+    out.append(f"- with the teacher inputs each needs: {tot_t:.1f} / {tot_f:.1f} MB = {tot_t / tot_f:.3f} "
+               f"({'met' if tot_t / tot_f <= 0.1 else 'NOT met'})")
+    return out
+
+
+def write_outputs(rows: list[dict], out: Path, device: torch.device, args) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "estimators.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
+               else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+                    f"{torch.get_num_threads()}")
+    text = [
+        "# Estimator memory and time (forward + backward)", "",
+        f"- command: `python {' '.join(sys.argv)}`",
+        f"- machine: {machine}; torch {torch.__version__}; {platform.platform()}",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- B = {args.batch}, T = {args.seq}, float32 logits, chunk_size = {args.chunk_size}; method: see the "
+        "docstring of scripts/bench_estimators.py (CPU: VmHWM reset via /proc/self/clear_refs).", "",
+        format_table(rows), "", *goal_lines(rows), ""]
+    (out / "estimators.md").write_text("\n".join(text))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--vocab", type=int, nargs="+", default=[1024, 32768, 152064])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    parser.add_argument("--estimators", nargs="+", default=DEFAULT, choices=list(CONFIGS))
+    parser.add_argument("--large-estimators", nargs="+", default=LARGE_DEFAULT, choices=list(CONFIGS),
+                        help=f"estimators run at V > {LARGE_V}")
+    parser.add_argument("--out", default="results/bench")
+    args = parser.parse_args()
+    if args.device == "cpu" and os.environ.get("MALLOC_MMAP_THRESHOLD_") != str(MMAP_THRESHOLD):
+        # glibc reads this at start-up: re-exec so that every tensor > 64 KiB is its own mmap (honest RSS)
+        os.execve(sys.executable, [sys.executable, *sys.argv],
+                  {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    probe = MemoryProbe(device)
+    for name in args.estimators:  # warm-up: first-call costs out of the timings
+        warm = argparse.Namespace(**{**vars(args), "batch": 2, "seq": 8})
+        measure(name, 1024, warm, device, probe)
+    rows = []
+    for V in args.vocab:
+        for name in (args.large_estimators if V > LARGE_V else args.estimators):
+            rows.append(measure(name, V, args, device, probe))
+            r = rows[-1]
+            print(f"{name:>14} V={V:>6}: peak extra {r['peak_extra_MB']:8.1f} MB (workspace "
+                  f"{r['workspace_MB']:8.1f}), teacher {r['teacher_MB']:8.1f} MB, {r['time_s']:.2f} s", flush=True)
+    print(format_table(rows))
+    print("\n".join(goal_lines(rows)))
+    write_outputs(rows, Path(args.out), device, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Every config in conf/ composes (Hydra's compose API on the absolute config dir) and validates.
+
+Covers the root config, every option of every config group (recipes and launcher presets included), every
+experiment file, and every cell of each paper-table sweep (its sweeper params expanded, seed left out).
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from opd_exp.config import load_run_config
+from opd_exp.report import report_spec
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = sorted({p.parent.relative_to(CONF).parts[0] for p in CONF.glob("*/**/*.yaml")} - {"hydra", "experiment"})
+PAPER_EXPERIMENTS = ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "lr_tune"]
+
+
+def options(group: str) -> list[str]:
+    """Option names of a group, nested ones as 'sub/name' (e.g. recipe=f6/k4)."""
+    return sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
+
+
+def composed(overrides: list[str], hydra: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+def run_config(cfg):
+    """The RunConfig of a composed config (the `hydra` node left out, as the entrypoint does)."""
+    node = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]) if "hydra" in cfg else cfg
+    return load_run_config(node)
+
+
+def test_root_config_composes_and_validates():
+    cfg = run_config(composed([]))
+    assert cfg.estimator.name == "sampled_token" and cfg.sampling.top_p == 1.0
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_group_option_composes(group, option):
+    run_config(composed([f"{group}={option}"]))
+
+
+@pytest.mark.parametrize("option", options("hydra/launcher"))
+def test_launcher_preset_composes(option):
+    cfg = composed([f"hydra/launcher={option}"], hydra=True)
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+@pytest.mark.parametrize("recipe, estimator, top_p", [("baseline", "sampled_token", 1.0),
+                                                      ("ours", "topk_rkl", 0.9),
+                                                      ("baseline_top_p", "sampled_token", 0.9),
+                                                      ("topk_full", "topk_rkl", 1.0)])
+def test_recipe_ties_estimator_and_sampling(recipe, estimator, top_p):
+    cfg = run_config(composed([f"recipe={recipe}"]))
+    assert (cfg.estimator.name, cfg.sampling.top_p) == (estimator, top_p)
+
+
+def test_swept_estimator_replaces_the_recipes():
+    cfg = run_config(composed(["recipe=ours", "estimator=topk_v2"]))
+    assert cfg.estimator.support == "student" and cfg.sampling.top_p == 0.9
+
+
+def test_f6_recipes_change_one_knob_of_ours():
+    assert run_config(composed(["recipe=f6/k4"])).estimator.top_k == 4
+    assert run_config(composed(["recipe=f6/p100"])).sampling.top_p == 1.0
+    unnorm = run_config(composed(["recipe=f6/unnorm"]))
+    ours = run_config(composed(["recipe=ours"]))
+    assert (unnorm.estimator.normalize, unnorm.estimator.top_k) == ("none", ours.estimator.top_k)
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_composes_and_validates(name):
+    cfg = composed([f"experiment={name}"], hydra=True)
+    assert cfg.experiment == name
+    run = run_config(cfg)
+    assert run.experiment == name
+
+
+@pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
+def test_paper_experiment_is_a_deterministic_multirun(name):
+    text = (CONF / "experiment" / f"{name}.yaml").read_text()
+    assert text.startswith("# @package _global_\n")
+    assert f"opd-exp experiment={name}" in text and "Wall time at the default scale" in text
+    cfg = composed([f"experiment={name}"], hydra=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert cfg.hydra.sweep.dir == f"multirun/{name}"
+    seeds = str(cfg.hydra.sweeper.params.seed).split(",")
+    assert len(seeds) >= 3
+    assert report_spec_of(cfg).tables, "a paper experiment needs a report block"
+
+
+def report_spec_of(cfg):
+    class _Run:  # report_spec reads run.config["report"]
+        config = {"report": OmegaConf.to_container(cfg.report, resolve=True)}
+
+    return report_spec([_Run()])
+
+
+def sweep_cells(name: str) -> list[list[str]]:
+    """The sweep's cells (seed left out) as override lists."""
+    node = OmegaConf.load(CONF / "experiment" / f"{name}.yaml")
+    params = {k: str(v).split(",") for k, v in node.hydra.sweeper.params.items() if k != "seed"}
+    return [[f"{k}={v}" for k, v in zip(params, combo, strict=True)]
+            for combo in itertools.product(*params.values())]
+
+
+@pytest.mark.parametrize("name", PAPER_EXPERIMENTS)
+def test_every_sweep_cell_composes_and_validates(name):
+    for cell in sweep_cells(name):
+        run_config(composed([f"experiment={name}", *cell]))
+
+
+def test_lr_tune_uses_prompts_and_seeds_apart():
+    cfg = composed(["experiment=lr_tune"], hydra=True)
+    assert cfg.task.data_seed != composed([]).task.data_seed
+    assert all(int(s) >= 100 for s in str(cfg.hydra.sweeper.params.seed).split(","))

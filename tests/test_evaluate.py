@@ -1,0 +1,45 @@
+import itertools
+import math
+
+import pytest
+
+from opd_exp.evaluate import mean_ci, pass_at_k, wilson_ci
+
+
+def brute_force_pass_at_k(outcomes: list[bool], k: int) -> float:
+    """Share of all k-subsets of the n samples that contain at least one correct sample."""
+    subsets = list(itertools.combinations(outcomes, k))
+    return sum(any(s) for s in subsets) / len(subsets)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_pass_at_k_matches_brute_force(n):
+    for c in range(n + 1):
+        outcomes = [True] * c + [False] * (n - c)
+        for k in range(1, n + 1):
+            assert pass_at_k(n, c, k) == pytest.approx(brute_force_pass_at_k(outcomes, k), abs=1e-12)
+
+
+def test_pass_at_1_is_the_success_rate_and_rejects_bad_input():
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 5, 1)
+    with pytest.raises(ValueError):
+        pass_at_k(4, 1, 5)
+
+
+def test_wilson_interval_contains_estimate_and_stays_in_unit_interval():
+    lo, hi = wilson_ci(0, 20)
+    assert lo == 0.0 and 0.0 < hi < 0.25
+    lo, hi = wilson_ci(20, 20)
+    assert hi == 1.0 and 0.75 < lo < 1.0
+    lo, hi = wilson_ci(50, 100)
+    assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 100), rel=0.05)
+
+
+def test_mean_ci_normal_approximation():
+    mean, lo, hi = mean_ci([0.0, 1.0] * 50)
+    assert mean == 0.5
+    sd = math.sqrt(sum((v - 0.5) ** 2 for v in [0.0, 1.0] * 50) / 99)
+    assert hi - mean == pytest.approx(1.959963984540054 * sd / 10)
+    assert math.isnan(mean_ci([1.0])[1])

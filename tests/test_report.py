@@ -1,0 +1,345 @@
+"""opd-exp-report on fixture run dirs built here (known means and CIs by hand), and sweeps end to end.
+
+The fixture run dirs follow the run-dir contract (opd_exp/rundir.py): .hydra/config.yaml, .hydra/overrides.yaml,
+config.yaml (resolved), metrics.jsonl and run_summary.json; their report blocks are the real ones of
+conf/experiment/*.yaml, resolved with eval.k = 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from opd_exp import report
+from opd_exp.report import main, mean_ci, t_quantile
+
+REPO = Path(__file__).resolve().parent.parent
+SPLITS = ("id", "long", "wide")
+T975_2DOF = 4.302652729911275  # t quantile 0.975, 2 dof (scipy.stats.t.ppf(0.975, 2))
+T975_1DOF = 12.706204736174707
+
+
+# ----------------------------------------------------------------------------- fixture builders
+
+def experiment_block(name: str, k: int = 2) -> dict:
+    """The resolved `report:` block and `experiment` of conf/experiment/<name>.yaml with eval.k = k."""
+    node = OmegaConf.load(REPO / "conf" / "experiment" / f"{name}.yaml")
+    node.pop("hydra", None)
+    node = OmegaConf.merge({"eval": {"k": k}}, node)
+    return OmegaConf.to_container(node, resolve=True)
+
+
+def results_for(score: float, teacher: float = 0.9, before: float = 0.1, k: int = 2) -> dict:
+    """Flat results: student_after = score on every split except wide (score / 2); teacher weakest on wide."""
+    out = {}
+    for who, base in (("student_after", score), ("teacher", teacher), ("student_before", before)):
+        per_split = {"id": base, "long": base, "wide": base / 2}
+        for metric in ("greedy@1", f"avg@{k}", f"pass@{k}"):
+            for split, value in per_split.items():
+                out[f"{who}/{split}/{metric}"] = value
+                out[f"{who}/{split}/{metric}_ci"] = [value - 0.05, value + 0.05]
+            out[f"{who}/avg/{metric}"] = sum(per_split.values()) / 3
+    return out
+
+
+def make_run(root: Path, overrides: list[str], config: dict, status: str = "completed",
+             results: dict | None = None, error: str | None = None, steps: int = 3, summary: bool = True) -> Path:
+    """One run dir as the entrypoint leaves it (summary=False: killed before writing run_summary.json)."""
+    keyed = [o for o in overrides if not o.startswith("experiment=")]
+    run = root / ",".join(sorted(keyed))
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    if not summary:
+        return run
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    seed = config["seed"]
+    lines = [{"step": s, "train/loss": 1.0 / (s + 1) + 0.01 * seed, "train/response_len": 10.0 + s}
+             for s in range(steps)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    body = {"status": status, "runner": config.get("runner", "opd"), "experiment": config["experiment"],
+            "seed": seed, "overrides": overrides, "results": results or {}, "wall_time_s": 60.0,
+            "git_commit": "abc123", "versions": {"python": "3.11"}}
+    if error:
+        body["error"] = error
+    (run / "run_summary.json").write_text(json.dumps(body))
+    return run
+
+
+def base_config(name: str, seed: int, **extra) -> dict:
+    cfg = experiment_block(name)
+    cfg.update(seed=seed, runner="opd", model={"name": "tiny"},
+               task={"eval_splits": {s: {} for s in SPLITS}}, train={"steps": 3})
+    for key, value in extra.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return cfg
+
+
+# math_main: student_after on id/long per (recipe, mask) cell, seeds 0, 1, 2
+MAIN_SCORES = {("baseline", False): [0.2, 0.3, 0.4], ("baseline", True): [0.3, 0.3, 0.3],
+               ("ours", False): [0.5, 0.6, 0.7], ("ours", True): [0.5, 0.7, None]}  # None: the failed seed
+
+
+def make_math_main(root: Path) -> Path:
+    sweep = root / "multirun" / "math_main"
+    for (recipe, mask), scores in MAIN_SCORES.items():
+        for seed, score in enumerate(scores):
+            ov = [f"recipe={recipe}", f"mask.enabled={mask}", "model=tiny", f"seed={seed}", "experiment=math_main"]
+            cfg = base_config("math_main", seed, **{"mask.enabled": mask})
+            if score is None:
+                make_run(sweep, ov, cfg, status="failed",
+                         error="Traceback (most recent call last):\n  File x\nValueError: boom in cell\n")
+            else:  # teacher / student_before differ by seed only
+                make_run(sweep, ov, cfg, results=results_for(score, teacher=0.8 + 0.05 * seed,
+                                                             before=0.1 + 0.1 * seed))
+    return sweep
+
+
+def row(frame: pd.DataFrame, label: str, column: str) -> pd.Series:
+    hit = frame[(frame["row"] == label) & (frame["column"] == column)]
+    assert len(hit) == 1, (label, column, frame)
+    return hit.iloc[0]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+@pytest.mark.parametrize("dof, expected", [(1, 12.7062047), (2, 4.3026527), (3, 3.1824463), (4, 2.7764451),
+                                           (9, 2.2621572), (30, 2.0422725), (120, 1.9799304)])
+def test_t_quantile_matches_tables(dof, expected):
+    assert t_quantile(0.975, dof) == pytest.approx(expected, abs=1e-6)
+
+
+def test_mean_ci_by_hand():
+    s = mean_ci([0.2, 0.3, 0.4])  # sd 0.1, half-width t(0.975, 2) * 0.1 / sqrt(3)
+    half = T975_2DOF * 0.1 / math.sqrt(3)
+    assert (s.mean, s.n) == (pytest.approx(0.3), 3)
+    assert (s.lo, s.hi) == (pytest.approx(0.3 - half), pytest.approx(0.3 + half))
+    one = mean_ci([0.7])
+    assert one.n == 1 and one.mean == 0.7 and math.isnan(one.lo) and math.isnan(one.hi)
+    assert mean_ci([None, float("nan")]).n == 0
+
+
+# ----------------------------------------------------------------------------- paper layouts
+
+def test_math_main_table_means_cis_and_failed_cell(tmp_path):
+    sweep = make_math_main(tmp_path)
+    # a cell killed before it wrote run_summary.json
+    make_run(sweep, ["recipe=ours", "mask.enabled=True", "model=tiny", "seed=3", "experiment=math_main"],
+             base_config("math_main", 3), summary=False)
+    out = tmp_path / "results" / "math_main"
+    assert main([str(sweep), "--out", str(out)]) == 0
+
+    table = pd.read_csv(out / "main.csv")
+    half = T975_2DOF * 0.1 / math.sqrt(3)
+    r = row(table, "Sampled-token OPD", "id")
+    assert (r["mean"], r["ci_lo"], r["ci_hi"], r["n"]) == (
+        pytest.approx(0.3), pytest.approx(0.3 - half), pytest.approx(0.3 + half), 3)
+    assert row(table, "Sampled-token OPD", "wide")["mean"] == pytest.approx(0.15)
+    assert row(table, "Sampled-token OPD", "avg")["mean"] == pytest.approx((0.3 + 0.3 + 0.15) / 3)
+    same = row(table, "+ mask", "id")  # zero spread: a zero-width interval
+    assert (same["mean"], same["ci_lo"], same["ci_hi"]) == (pytest.approx(0.3),) * 3
+    # the failed seed is left out: n = 2, mean 0.6, half-width t(0.975, 1) * sd / sqrt(2)
+    masked = row(table, "Ours w/ mask", "id")
+    half2 = T975_1DOF * math.sqrt(0.02) / math.sqrt(2)
+    assert (masked["n"], masked["mean"], masked["ci_hi"]) == (2, pytest.approx(0.6), pytest.approx(0.6 + half2))
+    # teacher: one value per seed (0.8, 0.85, 0.9), pooled over the 4 cells of each seed
+    teacher = row(table, "Teacher", "id")
+    assert (teacher["mean"], teacher["n"]) == (pytest.approx(0.85), 3)
+    assert teacher["ci_hi"] == pytest.approx(0.85 + T975_2DOF * 0.05 / math.sqrt(3))
+    assert row(table, "Student", "long")["mean"] == pytest.approx(0.2)
+    assert list(table[table["row"] == "Teacher"]["column"]) == ["id", "long", "wide", "avg"]
+
+    readme = (out / "README.md").read_text()
+    assert "ValueError: boom in cell" in readme
+    assert "unfinished (no run_summary.json)" in readme
+    assert "seeds: 0, 1, 2, 3" in readme and "abc123" in readme
+    assert "opd-exp experiment=math_main model=tiny" in readme
+    md = (out / "main.md").read_text()
+    assert "| Sampled-token OPD | 30.0 ± 24.8 |" in md  # percent, half-width of the t-interval
+    for name in ("bars_main.png", "curves_main.png", "runs.csv", "cells.csv", "tables.csv"):
+        assert (out / name).stat().st_size > 0
+    runs = pd.read_csv(out / "runs.csv")
+    assert sorted(runs["status"].unique()) == ["completed", "failed", "unfinished (no run_summary.json)"]
+
+
+def test_hardest_column_is_the_teachers_worst_split(tmp_path):
+    sweep = tmp_path / "ablation_components"
+    for recipe, score in (("baseline", 0.2), ("baseline_top_p", 0.3), ("topk_full", 0.1), ("ours", 0.4)):
+        for seed in (0, 1):
+            ov = [f"recipe={recipe}", "model=tiny", f"seed={seed}", "experiment=ablation_components"]
+            make_run(sweep, ov, base_config("ablation_components", seed), results=results_for(score + seed / 10))
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "main.csv")
+    assert set(table["column"]) == {"hardest (wide)"}
+    assert row(table, "Teacher top-K alone", "hardest (wide)")["mean"] == pytest.approx((0.1 + 0.2) / 2 / 2)
+    assert row(table, "Top-K + top-p (Ours)", "hardest (wide)")["n"] == 2
+
+
+def test_x_layout_finds_panels_by_resolved_config(tmp_path):
+    sweep = tmp_path / "ablation_k_topp"
+    points = {"ours": (8, 0.9, "renormalized", 0.6), "f6/k4": (4, 0.9, "renormalized", 0.5),
+              "f6/k1": (1, 0.9, "renormalized", 0.2), "f6/unnorm": (8, 0.9, "none", 0.05),
+              "f6/p100": (8, 1.0, "renormalized", 0.3)}
+    for recipe, (k, p, norm, score) in points.items():
+        for seed in (0, 1, 2):
+            cfg = base_config("ablation_k_topp", seed, **{"estimator.top_k": k, "sampling.top_p": p,
+                                                          "estimator.normalize": norm})
+            ov = [f"recipe={recipe}", "model=tiny", f"seed={seed}", "experiment=ablation_k_topp"]
+            make_run(sweep, ov, cfg, results=results_for(score))
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    k = pd.read_csv(out / "k.csv")
+    assert list(k[k["column"] == "id"]["row"]) == ["estimator.top_k=1", "estimator.top_k=4", "estimator.top_k=8"]
+    assert row(k, "estimator.top_k=4", "id")["mean"] == pytest.approx(0.5)
+    ours = row(k, "estimator.top_k=8", "id")  # only the Ours cell: unnorm and p100 (also K = 8) are other panels
+    assert (ours["mean"], ours["n"]) == (pytest.approx(0.6), 3)
+    renorm = pd.read_csv(out / "renorm.csv")
+    assert set(renorm["row"]) == {"estimator.normalize=none", "estimator.normalize=renormalized"}
+    top_p = pd.read_csv(out / "top_p.csv")
+    assert set(top_p["row"]) == {"sampling.top_p=0.9", "sampling.top_p=1.0"}
+    assert (out / "x_k.png").stat().st_size > 0
+
+
+def test_pivot_marks_best_lr(tmp_path):
+    sweep = tmp_path / "lr_tune"
+    for recipe in ("baseline", "ours"):
+        for lr, score in ((1.5e-4, 0.2), (5e-4, 0.4 if recipe == "ours" else 0.1), (1.5e-3, 0.3)):
+            for seed in (100, 101, 102):
+                ov = [f"recipe={recipe}", f"train.lr={lr}", "model=tiny", f"seed={seed}", "experiment=lr_tune"]
+                make_run(sweep, ov, base_config("lr_tune", seed, **{"train.lr": lr}), results=results_for(score))
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    md = (out / "main.md").read_text()
+    assert "recipe=ours: best train.lr=0.0005" in md
+    assert "recipe=baseline: best train.lr=0.0015" in md
+    assert md.count(" * |") == 2
+
+
+def test_adhoc_sweep_gets_a_generic_table_and_facets_by_experiment(tmp_path):
+    sweep = tmp_path / "adhoc"
+    for est, score in (("sampled_token", 0.2), ("topk_rkl", 0.4)):
+        for seed in (0, 1):
+            cfg = {"experiment": "default", "seed": seed, "runner": "opd", "report": {}}
+            make_run(sweep, [f"estimator={est}", f"seed={seed}"], cfg, results={"student_after/id/avg@4": score})
+    other = make_math_main(tmp_path)
+    out = tmp_path / "out"
+    assert main([str(sweep), str(other), "--out", str(out)]) == 0  # two experiments -> out/<experiment>
+    table = pd.read_csv(out / "default" / "main.csv")
+    assert row(table, "estimator=topk_rkl", "student_after/id/avg@4")["mean"] == pytest.approx(0.4)
+    assert (out / "math_main" / "main.csv").exists()
+
+
+def test_model_facet_splits_tables(tmp_path):
+    sweep = make_math_main(tmp_path)
+    for seed in (0, 1, 2):
+        ov = ["recipe=ours", "mask.enabled=False", "model=tiny_mismatch", f"seed={seed}", "experiment=math_main"]
+        cfg = base_config("math_main", seed)
+        make_run(sweep, ov, cfg, results=results_for(0.9))
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    mismatch = pd.read_csv(out / "main__model=tiny_mismatch.csv")
+    assert row(mismatch, "Ours w/o mask", "id")["mean"] == pytest.approx(0.9)
+    assert row(pd.read_csv(out / "main__model=tiny.csv"), "Ours w/o mask", "id")["mean"] == pytest.approx(0.6)
+
+
+def test_toy_runs_go_to_the_toy_report(tmp_path, monkeypatch):
+    calls = []
+    fake = types.ModuleType("opd_exp.toy.report")
+    fake.write_toy_report = lambda run_dirs, out_dir: calls.append((sorted(run_dirs), out_dir))
+    monkeypatch.setitem(sys.modules, "opd_exp.toy.report", fake)
+    sweep = tmp_path / "toy_gamma"
+    for gamma in (0.0, 1.0):
+        cfg = {"experiment": "toy_gamma", "seed": 0, "runner": "toy_gamma", "report": {}}
+        make_run(sweep, [f"toy.gamma={gamma}", "seed=0"], cfg, results={"final/return": gamma})
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert len(calls) == 1 and len(calls[0][0]) == 2 and calls[0][1] == out
+    assert "write_toy_report" in (out / "README.md").read_text()
+
+
+def test_no_runs_is_an_error(tmp_path, capsys):
+    assert main([str(tmp_path / "nothing")]) == 2
+    assert "no run dirs" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sweeps end to end
+
+HAS_LOOP = importlib.util.find_spec("opd_exp.train") is not None
+try:
+    import opd_exp.train  # noqa: F401
+except Exception:  # the loop is being written: its imports may not resolve yet
+    HAS_LOOP = False
+
+# smallest settings that exercise the real loop (the lead may tune them): a tiny pair, 2 steps, 8 eval prompts
+SMOKE = ["train.steps=2", "train.prompts_per_step=2", "train.mini_batch_size=4", "sampling.rollouts_per_prompt=2",
+         "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "task.n_eval=8", "task.n_train=64", "eval.k=2",
+         "train.checkpoint_every=0", "threads=1",
+         "++model.bootstrap={teacher:{hidden_size:16,num_layers:1,num_heads:2,sft_steps:2},"
+         "student:{hidden_size:16,num_layers:1,num_heads:2,sft_steps:2,sft_examples:16},"
+         "eval_examples:4,progress:false}"]
+# cells named by job number: the smoke overrides would make Hydra's override_dirname longer than a file name
+SHORT_SUBDIR = "hydra.sweep.subdir=cell${hydra:job.num}"
+needs_loop = pytest.mark.skipif(not HAS_LOOP, reason="opd_exp.train does not import yet (the lead's loop)")
+
+
+def opd_exp_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OPD_EXP_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "opd_exp", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@needs_loop
+def test_failed_cell_is_reported_and_only_it_reruns(tmp_path):
+    sweep = tmp_path / "sweep"
+    # estimator.top_k=0 fails validation in one cell; the other cell must finish and be reported
+    args = ["-m", "experiment=math_main", "recipe=ours", "mask.enabled=false", "seed=0", "estimator.top_k=0,4",
+            f"hydra.sweep.dir={sweep}", SHORT_SUBDIR, *SMOKE]
+    first = opd_exp_cli(args, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run_summary.json")}
+    status = {name: s["status"] for name, s in summaries.items()}
+    assert sorted(status.values()) == ["completed", "failed"], status
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "estimator.top_k" in readme and "| failed |" in readme
+    finished = next(sweep / n for n, s in status.items() if s == "completed")
+    mtime = (finished / "run_summary.json").stat().st_mtime_ns
+    second = opd_exp_cli(args, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "already finished; skipping" in second.stdout + second.stderr
+    assert (finished / "run_summary.json").stat().st_mtime_ns == mtime  # the finished cell was not re-run
+
+
+# the paper-table sweeps (the toy study's experiments are smoke-tested by tests/test_toy*.py)
+EXPERIMENTS = ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "lr_tune"]
+
+
+@needs_loop
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_experiment_runs_at_smoke_scale(tmp_path, name):
+    """One cell of every experiment (seed 0, the first value of each swept key) through the real CLI."""
+    node = OmegaConf.load(REPO / "conf" / "experiment" / f"{name}.yaml")
+    params = OmegaConf.select(node, "hydra.sweeper.params") or {}
+    first = [f"{k}={str(v).split(',')[0]}" for k, v in params.items() if k != "seed"]
+    sweep = tmp_path / "sweep"
+    result = opd_exp_cli([f"experiment={name}", "seed=0", *first, f"hydra.sweep.dir={sweep}", SHORT_SUBDIR,
+                          *SMOKE], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/run_summary.json")]
+    assert statuses and all(s in ("completed", "diverged") for s in statuses), result.stderr[-3000:]
+    assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
