@@ -8,7 +8,17 @@ Usage:
     python -m opd_exp --help                        # config groups and every key
 
 Each run writes config.yaml, metrics.jsonl and run_summary.json into its Hydra output dir; a finished run dir is
-skipped unless overwrite=true; an unfinished one resumes from its last checkpoint.
+skipped unless overwrite=true (which clears it and trains from scratch); an unfinished one (killed, pre-empted,
+failed) resumes from its last checkpoint when the same command is run again.
+
+Exit status (single run; a sweep records each cell's status in its run_summary.json and goes on):
+    0    completed, diverged (a result: the summary says status: diverged) or skipped (already finished)
+    1    failed: the summary's error holds the message (a traceback only for an unexpected exception)
+    2    bad config: one line naming the field, the value and the allowed values; nothing ran
+    143  interrupted by SIGTERM (128 + 15, as a shell reports a TERM'd job): a checkpoint was written and
+         the summary says status: interrupted; rerun the same command to resume. A sweep stops here too
+         (pre-emption takes the whole job); rerunning it skips finished cells and resumes this one.
+    130  interrupted by Ctrl-C (SIGINT): summary status: interrupted; resumes from the last periodic checkpoint.
 """
 
 from __future__ import annotations
@@ -43,6 +53,29 @@ def _runner(name: str):
     return getattr(importlib.import_module(module), func)
 
 
+EXIT_FAILED, EXIT_CONFIG, EXIT_SIGINT, EXIT_INTERRUPTED = 1, 2, 130, 143
+
+
+def _clean_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says everything (a field, or a file and its problem): printed as one line, never
+    as a traceback. Imported lazily: a bad config must fail before torch is imported."""
+    from opd_exp.checkpoint import CheckpointError
+    from opd_exp.models import ModelLoadError
+
+    return ConfigError, ModelLoadError, CheckpointError
+
+
+def _time_so_far(run_dir: Path) -> tuple[float, int]:
+    """(wall time of this run dir's earlier attempts, this attempt's number). An attempt killed hard (SIGKILL,
+    OOM, a lost node) left status "running" and its start time: it counts up to its last write."""
+    prev = rundir.read_summary(run_dir) or {}
+    spent = float(prev.get("wall_time_s") or 0.0)
+    if prev.get("status") == "running" and prev.get("started_at"):
+        last = rundir.last_write_time(run_dir)
+        spent += max(0.0, (last or 0.0) - float(prev["started_at"]))
+    return spent, int(prev.get("attempt") or 0) + 1
+
+
 def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun: bool) -> dict:
     """Validate, skip-or-run, and always leave a run_summary.json describing what happened."""
     start = time.time()
@@ -53,32 +86,43 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
     except ConfigError as err:
         if not multirun:
             print(str(err), file=sys.stderr)
-            sys.exit(2)
-        summary.update(status="failed", error=str(err))
-        rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
+            sys.exit(EXIT_CONFIG)
+        if not rundir.is_finished(run_dir):  # never overwrite a finished cell's summary
+            summary.update(status="failed", error=str(err))
+            rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
         print(f"[opd-exp] {run_dir}: {err}", file=sys.stderr)
         return summary
     summary.update(runner=cfg.runner, experiment=cfg.experiment, seed=cfg.seed)
-    if rundir.is_finished(run_dir) and not cfg.overwrite:
-        print(f"[opd-exp] {run_dir} already finished; skipping (overwrite=true to re-run)")
-        return rundir.read_summary(run_dir)
+    if rundir.is_finished(run_dir):
+        if not cfg.overwrite:
+            print(f"[opd-exp] {run_dir} already finished; skipping (overwrite=true to re-run)")
+            return rundir.read_summary(run_dir)
+        rundir.clear_run(run_dir)  # else the final checkpoint would "resume" a finished run
+    elapsed_before, attempt = _time_so_far(run_dir)
     rundir.atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg_node, resolve=True))
-    previous = rundir.read_summary(run_dir) or {}
-    elapsed_before = float(previous.get("wall_time_s") or 0.0)
+    summary.update(attempt=attempt, started_at=start, wall_time_s=elapsed_before)
     rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
     try:
         outcome = _runner(cfg.runner)(cfg, run_dir)
         summary.update(outcome)
-    except ConfigError as err:  # raised once models are loaded (e.g. K > vocabulary)
-        summary.update(status="failed", error=str(err))
-        print(str(err), file=sys.stderr)
-    except Exception:  # a failed sweep cell must not stop the others
-        summary.update(status="failed", error=traceback.format_exc())
-        print(f"[opd-exp] run failed in {run_dir}:\n{summary['error']}", file=sys.stderr)
+    except KeyboardInterrupt:
+        summary.update(status="interrupted", error="KeyboardInterrupt")
+    except Exception as err:  # a failed sweep cell must not stop the others
+        if isinstance(err, _clean_errors()):  # bad input file, or a config check that needed the models
+            summary.update(status="failed", error=str(err))
+            print(f"[opd-exp] {run_dir}: {err}" if multirun else str(err), file=sys.stderr)
+        else:
+            summary.update(status="failed", error=traceback.format_exc())
+            print(f"[opd-exp] run failed in {run_dir}:\n{summary['error']}", file=sys.stderr)
     summary["wall_time_s"] = elapsed_before + time.time() - start
     rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
+    if summary["status"] == "interrupted":
+        sigint = summary.get("error") == "KeyboardInterrupt"
+        saved = "the last periodic checkpoint is kept" if sigint else "checkpoint saved"
+        print(f"[opd-exp] {run_dir}: interrupted; {saved}; run the same command again to resume", file=sys.stderr)
+        sys.exit(EXIT_SIGINT if sigint else EXIT_INTERRUPTED)
     if summary["status"] == "failed" and not multirun:
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     return summary
 
 
@@ -88,7 +132,47 @@ def hydra_main(cfg: DictConfig) -> None:
     execute(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
 
 
+def check_cli_keys(argv: list[str]) -> list[str]:
+    """Check the command line's ``group.key=value`` overrides against the schema before Hydra composes.
+
+    An unknown key stops with the closest valid one (Hydra's own message would only say "not in struct"). A
+    valid ``estimator.<key>`` becomes ``++estimator.<key>``: each conf/estimator/<name>.yaml lists only the knobs
+    that estimator reads, so Hydra would refuse e.g. ``estimator.top_k=0`` under sampled_token before the
+    validator could check its value.
+    """
+    import dataclasses
+    import typing
+
+    from opd_exp.validation import closest
+
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if arg.startswith(("-", "+", "~")) or not eq or "." not in key or key.startswith("hydra"):
+            out.append(arg)
+            continue
+        cls, parts = RunConfig, key.split(".")
+        for i, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(cls)]
+            if part not in names:
+                prefix = ".".join(parts[:i])
+                raise ConfigError(key, f"unknown key{closest(part, names)}; valid keys under "
+                                  f"{prefix or 'the root'}: {', '.join(sorted(names))}")
+            tp = typing.get_type_hints(cls)[part]
+            if not dataclasses.is_dataclass(tp):
+                break  # a leaf, or a free-form mapping (model.bootstrap, toy, ...) checked by its owner
+            cls = tp
+        leaf = len(parts) == 2 and parts[0] == "estimator"
+        out.append(f"++{arg}" if leaf else arg)
+    return out
+
+
 def main() -> None:
+    try:
+        sys.argv[1:] = check_cli_keys(sys.argv[1:])
+    except ConfigError as err:
+        print(str(err), file=sys.stderr)
+        sys.exit(EXIT_CONFIG)
     hydra_main()
 
 

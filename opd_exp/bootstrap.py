@@ -18,6 +18,7 @@ train once and a half-written entry is never loaded.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -39,7 +40,7 @@ from opd_exp.validation import ConfigError, spec, validate
 BOOTSTRAP_VERSION = 1  # bump when a code change alters the trained pair (invalidates every cache entry)
 COMPLETE = "COMPLETE"  # marker file, written last; an entry without it is never loaded
 META = "bootstrap.json"
-HASH_EXCLUDED = ("threads", "progress")  # settings that do not change what is trained
+HASH_EXCLUDED = ("threads", "progress", "eval_every")  # settings that do not change what is trained
 
 
 @dataclass
@@ -73,11 +74,14 @@ class BootstrapConfig:
 
     seed: int = spec(0, "init and batch-order seed", ge=0)
     threads: int = spec(0, "torch CPU threads while training (0 = leave torch's setting)", ge=0)
-    bf16: bool = spec(True, "bf16 autocast for SFT forward passes (CPU: ~1.5x faster)")
+    bf16: bool | str = spec("auto", "bf16 autocast of SFT forward passes; auto = only on CPUs with native "
+                            "bf16 (AVX512-BF16/AMX: on AVX2-only CPUs it is ~10x slower than fp32)",
+                            choices=["auto", True, False])
     eval_examples: int = spec(200, "id-split problems greedily graded after SFT (recorded in bootstrap.json)",
                               ge=1)
     eval_every: int = spec(0, "grade 64 id problems every N steps for the progress bar (0 = only at the end)",
                            ge=0)
+    eval_max_new_tokens: int = spec(64, "generation cap when grading", ge=1)
     progress: bool = spec(True, "show tqdm progress bars")
     teacher: MemberConfig = field(default_factory=MemberConfig)
     student: MemberConfig = field(default_factory=_student_defaults)
@@ -194,6 +198,17 @@ def greedy_accuracy(model, tokenizer, task: MathTask, examples: list[Example], b
     return correct / max(len(examples), 1)
 
 
+def use_bf16(boot: BootstrapConfig) -> bool:
+    """bf16 autocast on CPU pays off only with native bf16 instructions (measured: 10x slower on AVX2)."""
+    if boot.bf16 != "auto":
+        return bool(boot.bf16)
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def lr_at(step: int, m: MemberConfig) -> float:
     """Linear warm-up to ``m.lr`` then cosine decay to 10% of it at ``m.sft_steps``."""
     import math
@@ -221,7 +236,7 @@ def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, de
         for group in opt.param_groups:
             group["lr"] = lr_at(step, m)
         mask_BL = torch.arange(width)[None, :] < lengths_N[idx, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=boot.bf16 and model.device.type == "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(boot) and model.device.type == "cpu"):
             loss = model(input_ids=ids_NL[idx, :width], attention_mask=mask_BL.long(),
                          labels=labels_NL[idx, :width]).loss
         opt.zero_grad(set_to_none=True)
@@ -244,6 +259,15 @@ def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, de
 # the cached pair
 
 
+def member_tokenizer(tokenizer, convention: Convention):
+    """The shared tokenizer, with eos set to the member's end token when its convention differs."""
+    if convention.end == tokenizer.eos_token:
+        return tokenizer
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = convention.end
+    return tok
+
+
 def train_member(role: str, m: MemberConfig, boot: BootstrapConfig, task_cfg: TaskConfig, tokenizer,
                  out: Path) -> dict:
     """Build, SFT-train, grade and save one model (and the tokenizer) into ``out / role``."""
@@ -253,18 +277,20 @@ def train_member(role: str, m: MemberConfig, boot: BootstrapConfig, task_cfg: Ta
                "eos_token_id": resolve_token_ids(tokenizer, [m.convention.end])[0]}
     model = build_model(m, len(tokenizer), special, seed=boot.seed + (role == "student"))
     probe = task.eval_splits.get("id") or next(iter(task.eval_splits.values()))
-    stats = sft(model, encode_sft(task, tokenizer, examples), m, boot,
-                evaluate=lambda mod: greedy_accuracy(mod, tokenizer, task, probe[:64]),
+
+    def grade(mod, exs: list[Example]) -> float:
+        return greedy_accuracy(mod, tokenizer, task, exs, max_new_tokens=boot.eval_max_new_tokens)
+
+    stats = sft(model, encode_sft(task, tokenizer, examples), m, boot, evaluate=lambda mod: grade(mod, probe[:64]),
                 desc=f"bootstrap {role} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)")
     stats["n_examples"] = len(examples)
     stats["params"] = sum(p.numel() for p in model.parameters())
-    stats["accuracy"] = {name: greedy_accuracy(model, tokenizer, task, split[:boot.eval_examples])
-                         for name, split in task.eval_splits.items()}
-    stats["accuracy_train"] = greedy_accuracy(model, tokenizer, task, examples[:boot.eval_examples])
+    stats["accuracy"] = {name: grade(model, split[:boot.eval_examples]) for name, split in task.eval_splits.items()}
+    stats["accuracy_train"] = grade(model, examples[:boot.eval_examples])
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = special["eos_token_id"]
     model.save_pretrained(out / role)
-    tokenizer.save_pretrained(out / role)
+    member_tokenizer(tokenizer, m.convention).save_pretrained(out / role)
     return stats
 
 

@@ -3,6 +3,9 @@
 ``<run_dir>/checkpoints/last.pt`` holds the student's weights, the optimizer and scheduler states, the RNG
 states (torch, numpy, python), the next step (the data position: prompts of step s are a pure function of
 the run seed and s) and the loop's own state (the evaluation before training, counters).
+
+A checkpoint that cannot be used (truncated, not a checkpoint, or weights of another model) raises
+:class:`CheckpointError` naming the file and the problem; the entrypoint prints it as one line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ import numpy as np
 import torch
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
+KEYS = ("step", "model", "optimizer", "scheduler", "rng", "loop_state")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be resumed from; the message names the file and the problem."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -39,9 +47,11 @@ def save(run_dir: str | Path, *, step: int, model, optimizer, scheduler, loop_st
     payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "rng": rng_state(), "loop_state": loop_state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".last.", suffix=".tmp")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the rename must never publish a file whose bytes are not on disk yet
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -50,19 +60,34 @@ def save(run_dir: str | Path, *, step: int, model, optimizer, scheduler, loop_st
 
 
 def load(run_dir: str | Path) -> dict | None:
-    """The last checkpoint, or None when the run has none. A corrupt file raises naming the file."""
+    """The last checkpoint, or None when the run has none. A corrupt file raises :class:`CheckpointError`."""
     path = Path(run_dir) / CHECKPOINT
+    for stale in path.parent.glob(".last.*.tmp"):  # left by a kill during a save; never renamed, never read
+        stale.unlink(missing_ok=True)
     if not path.exists():
         return None
+    hint = "delete it (or the run dir) to restart the run from scratch"
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # torch raises several types for truncated/corrupt files
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); "
-                           "delete it to restart the run from scratch") from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {first}); {hint}") from None
+    missing = [k for k in KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a training checkpoint (missing {', '.join(missing)}); "
+                              f"{hint}")
+    ckpt["path"] = str(path)
+    return ckpt
 
 
 def restore(ckpt: dict, *, model, optimizer, scheduler) -> None:
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    set_rng_state(ckpt["rng"])
+    """Load every state of ``ckpt`` (from :func:`load`) in place; a mismatch raises :class:`CheckpointError`."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # another model's weights, a changed config
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {ckpt.get('path', CHECKPOINT)} does not fit this run "
+                              f"({type(err).__name__}: {first}); delete it to restart from scratch") from None

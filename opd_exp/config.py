@@ -168,6 +168,14 @@ def check_cross_fields(cfg: RunConfig) -> None:
         for name in ("teacher_path", "student_path"):
             if not getattr(cfg.model, name):
                 raise ConfigError(f"model.{name}", "required when model.kind=pretrained")
+    else:  # the tiny pair is bootstrapped: a path given here would be silently ignored
+        for name in ("teacher_path", "student_path", "tokenizer_path"):
+            if getattr(cfg.model, name):
+                raise ConfigError(f"model.{name}", f"got {getattr(cfg.model, name)!r}, only used when "
+                                  f"model.kind=pretrained (model.kind is {cfg.model.kind!r})")
+    if cfg.eval.n_prompts is not None and cfg.eval.n_prompts > cfg.task.n_eval:
+        raise ConfigError("eval.n_prompts", f"got {cfg.eval.n_prompts}, allowed: <= task.n_eval "
+                          f"({cfg.task.n_eval}), the prompts each eval split has")
 
 
 def load_run_config(node: Any) -> RunConfig:

@@ -669,15 +669,16 @@ def last_line(text: str | None) -> str:
 
 
 def sweep_command(runs: list[Run]) -> tuple[str, list[str]]:
-    """`opd-exp <overrides shared by every run>` and the swept keys with their values."""
-    shared = [o for o in runs[0].override_list if all(o in r.override_list for r in runs)] if runs else []
-    shared.sort(key=lambda o: not o.startswith("experiment="))
-    values: dict[str, set] = defaultdict(set)
+    """`opd-exp <overrides every run shares>` and the other keys with their values (the swept ones)."""
+    values: dict[str, list[str]] = defaultdict(list)
     for run in runs:
-        for key, value in run.overrides.items():
-            if f"{key}={value}" not in shared and not any(o.startswith(f"{key}=") for o in shared):
-                values[key].add(str(value))
-    swept = [f"{k} in {{{', '.join(sorted(v))}}}" for k, v in sorted(values.items())]
+        for override in run.override_list:
+            key, _, value = override.partition("=")
+            values[key].append(value)
+    shared = [f"{k}={v[0]}" for k, v in values.items() if len(v) == len(runs) and len(set(v)) == 1]
+    shared.sort(key=lambda o: not o.startswith("experiment="))
+    swept = [f"{k} in {{{', '.join(sorted(set(v)))}}}" for k, v in sorted(values.items())
+             if f"{k}={v[0]}" not in shared]
     return "opd-exp " + " ".join(shared), swept
 
 
@@ -706,7 +707,8 @@ def provenance(runs: list[Run], args: list[str]) -> list[str]:
         f"- run dirs: {len(runs)} ({', '.join(sorted({str(r.path.parent) for r in runs}))})",
         f"- git commit(s): {', '.join(commits) or 'unknown'}",
         f"- seeds: {', '.join(map(str, seeds)) or 'unknown'}",
-        f"- scale: {', '.join(scale_lines(runs)) or 'unknown'}",
+        f"- scale: {', '.join(scale_lines(runs)) or 'unknown'}" if any(r.runner == "opd" for r in runs)
+        else "- scale: the toy study's settings (toy.* in each run's config.yaml)",
         f"- wall time: {sum(wall) / 3600:.2f} h summed over runs (per cell below)",
         f"- versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items())) or 'unknown'}", ""]
 
@@ -752,8 +754,9 @@ def write_tables(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[s
             else [generic_table(facet_runs)]
         for table in tables:
             stem = table.name + (f"__{facet}" if facet else "")
+            table.title = table.title or (spec_.title if spec_ and len(tables) == 1 else "") or table.name
             if facet:
-                table.title = f"{table.title or table.name} [{facet}]"
+                table.title = f"{table.title} [{facet}]"
             text = markdown(table)
             (out / f"{stem}.md").write_text(text)
             frame = table_frame(table)
@@ -771,36 +774,39 @@ def write_tables(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[s
     return md
 
 
-def toy_report(runs: list[Run], out: Path) -> list[str]:
-    """Hand toy-study runs to the toy module's own report (tolerating its absence)."""
+def toy_report(runs: list[Run], out: Path) -> bool:
+    """Hand toy-study runs to the toy module's own report; False when that module is not available."""
     try:
         from opd_exp.toy.report import write_toy_report
     except ImportError as err:
-        return [f"Toy-study figures: not written (opd_exp.toy.report unavailable: {err}).", ""]
-    write_toy_report([r.path for r in runs if r.usable], out)
-    return ["Toy-study tables and figures: written by opd_exp.toy.report.write_toy_report.", ""]
+        print(f"[opd-exp-report] opd_exp.toy.report unavailable ({err}); generic tables instead", file=sys.stderr)
+        return False
+    write_toy_report([r.path for r in runs], out)
+    return True
 
 
 def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> Path:
+    """Tables, figures, runs.csv, cells.csv and README.md of one experiment into ``out``.
+
+    Toy-study runs: the toy report writes its tables, figures and README.md; the provenance and cell sections
+    are appended to that README (generic tables only when the toy report is unavailable)."""
     out.mkdir(parents=True, exist_ok=True)
     spec_ = report_spec(runs)
-    title = (spec_.title if spec_ and spec_.title else name)
-    body = [f"# {title} (`{name}`)", ""] + provenance(runs, args)
     toy = [r for r in runs if r.runner in TOY_RUNNERS]
-    if toy:
-        body += ["## Toy study", ""] + toy_report(toy, out)
     opd = [r for r in runs if r.runner not in TOY_RUNNERS]
-    if opd:
-        body += ["## Tables", ""] + write_tables(opd, out, spec_ if not toy else None)
-    elif toy:
-        write_tables(toy, out, None)
+    toy_written = bool(toy) and toy_report(toy, out)
+    title = spec_.title if spec_ and spec_.title else name
+    body = [f"# {title} (`{name}`)", ""] if not toy_written else ["", "---", "", f"# Runs of `{name}`", ""]
+    body += provenance(runs, args)
+    if opd or not toy_written:
+        body += ["## Tables", ""] + write_tables(opd or toy, out, spec_ if opd else None)
     body += cell_sections(runs)
     runs_frame(runs).to_csv(out / "runs.csv", index=False)
     cells_frame(runs).to_csv(out / "cells.csv", index=False)
     readme = out / "README.md"
     text = "\n".join(body).rstrip() + "\n"
-    if readme.exists() and toy and "opd-exp-report" not in readme.read_text():
-        text = readme.read_text().rstrip() + "\n\n" + text  # keep what the toy report wrote
+    if toy_written and readme.exists():
+        text = readme.read_text().rstrip() + "\n" + text  # what the toy report just wrote, then ours
     readme.write_text(text)
     return readme
 

@@ -79,6 +79,26 @@ def is_finished(run_dir: str | Path) -> bool:
     return bool(summary) and summary.get("status") in FINISHED
 
 
+def clear_run(run_dir: str | Path) -> None:
+    """Remove what a previous attempt trained (overwrite=true): checkpoints, metrics, diagnostics, summary."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    for name in ("checkpoints", "diag"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in (METRICS, SUMMARY):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def last_write_time(run_dir: str | Path) -> float | None:
+    """The newest mtime among the files a run writes while training (None when it wrote none): how far a
+    killed attempt got, for its share of the wall time."""
+    run_dir = Path(run_dir)
+    paths = [run_dir / METRICS, run_dir / "checkpoints" / "last.pt"]
+    times = [p.stat().st_mtime for p in paths if p.exists()]
+    return max(times) if times else None
+
+
 class MetricsLog:
     """Append-only ``metrics.jsonl``. On resume, lines at or past ``truncate_from_step`` are dropped so that
     a resumed run's file equals an uninterrupted run's."""

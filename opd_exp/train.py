@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import random
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from opd_exp import checkpoint
+from opd_exp.audit import audit_tokenizers, check_pair_compatible
 from opd_exp.config import RunConfig
 from opd_exp.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
 from opd_exp.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
@@ -115,6 +117,7 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
     advantages = torch.zeros_like(old.logprobs_BT) if diagnose else None
 
     totals: dict[str, float] = {}
+    skipped: dict[str, float] = {}  # the offending mini-batch when an update is skipped (non-finite)
     n_updates, finite = 0, True
     B, mb = len(ro), cfg.train.mini_batch_size
     for _ in range(cfg.train.ppo_epochs):
@@ -135,7 +138,7 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
                     else:
                         advantages = None
             optimizer.zero_grad(set_to_none=True)
-            ok = bool(torch.isfinite(out.loss))
+            ok, grad_norm = bool(torch.isfinite(out.loss)), float("nan")
             if ok:
                 out.loss.backward()
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(),
@@ -145,9 +148,10 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
                 optimizer.step()
                 _accumulate(totals, {"loss": out.loss.item(), "grad_norm": grad_norm, **out.metrics})
                 n_updates += 1
-            else:
+            else:  # skip the update; run() counts it and logs this batch's summary
                 optimizer.zero_grad(set_to_none=True)
                 finite = False
+                skipped = _nonfinite_summary(out, grad_norm, batch, skipped)
     scheduler.step()
     metrics = {f"train/{k}": v / max(n_updates, 1) for k, v in totals.items()}
     lengths = ro.lengths_B.float()
@@ -157,7 +161,7 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
                 "train/logprob_gap": _masked_mean(teacher.sampled_logprobs_BT - old.logprobs_BT,
                                                   ro.completion_mask_BT),
                 "train/masked_tokens": float((ro.completion_mask_BT & ~mask).sum()),
-                "train/updates": float(n_updates), "train/lr": scheduler.get_last_lr()[0]}
+                "train/updates": float(n_updates), "train/lr": scheduler.get_last_lr()[0]} | skipped
     if not diagnose:
         return metrics, finite, None
     diag = DiagInputs(tokens_BT=ro.completion_ids_BT, completion_mask_BT=ro.completion_mask_BT, loss_mask_BT=mask,
@@ -168,6 +172,16 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
                       student_topk_ids_BTK=old.topk_ids_BTK[..., :teacher.topk_ids_BTK.shape[-1]],
                       advantages_BT=advantages)
     return metrics | step_diagnostics(diag, top_p=cfg.eval.top_p), finite, diag
+
+
+def _nonfinite_summary(out, grad_norm: float, batch: EstimatorBatch, previous: dict) -> dict[str, float]:
+    """``train/nonfinite/*``: the last skipped mini-batch's loss, gradient norm, lengths and the estimator's
+    metrics (rewards, ...), and how many updates of this step were skipped. NaN is written as null."""
+    lengths_B = batch.mask_BT.sum(-1).float()
+    return {"train/nonfinite/updates": previous.get("train/nonfinite/updates", 0.0) + 1,
+            "train/nonfinite/loss": float(out.loss.detach()), "train/nonfinite/grad_norm": grad_norm,
+            "train/nonfinite/loss_tokens": float(lengths_B.sum()), "train/nonfinite/len_mean": float(lengths_B.mean()),
+            **{f"train/nonfinite/{k}": float(v) for k, v in out.metrics.items()}}
 
 
 def _rows(scores, rows, device):
@@ -221,34 +235,57 @@ def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dic
     return results
 
 
+def check_pair_tokenizers(pair: ModelPair, task: MathTask) -> None:
+    """Audit the teacher's tokenizer against the student's before training (failure mode 3, opd_exp.audit).
+
+    An identical pair passes silently; a shared vocabulary with other mismatches (EOS, special tokens, template,
+    how the task's markers split) logs the audit's report and trains on; different vocabularies stop the run,
+    since no vocabulary mapping is implemented and the teacher would score the student's ids as its own."""
+    if pair.teacher_tokenizer is pair.tokenizer:
+        return
+    c = task.convention
+    report = audit_tokenizers(pair.teacher_tokenizer, pair.tokenizer,
+                              probes={"think_open": c.think_open, "think_close": c.think_close,
+                                      "answer_prefix": c.answer_prefix, "end": c.end})
+    try:
+        check_pair_compatible(report, mapping=None)
+    except ValueError as err:
+        raise ConfigError("model.teacher_path", str(err)) from None
+
+
 def run(cfg: RunConfig, run_dir: Path) -> dict:
-    """Train and evaluate one run in ``run_dir``; resume from its checkpoint when there is one."""
+    """Train and evaluate one run in ``run_dir``; resume from its checkpoint when there is one.
+
+    Returns {"status", "results"}: "completed"; "diverged" after ``train.max_nonfinite`` steps in a row with a
+    skipped (non-finite) update; "interrupted" after SIGTERM, once the current step is done and checkpointed.
+    """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
-    task = MathTask(cfg.task)
-    pair = load_pair(cfg.model, cfg.task, device)
-    check_against_vocab(cfg, len(pair.tokenizer))
-    special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens) \
-        if cfg.mask.enabled else []
-    spec = ESTIMATORS[cfg.estimator.name]
-    student = pair.student
-    student.train()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    scheduler = make_scheduler(optimizer, cfg)
+    with _StopFlag() as stop:  # from the start: a SIGTERM while loading is honoured after the first step
+        task = MathTask(cfg.task)
+        pair = load_pair(cfg.model, cfg.task, device)
+        check_against_vocab(cfg, len(pair.tokenizer))
+        check_pair_tokenizers(pair, task)
+        special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens) \
+            if cfg.mask.enabled else []
+        spec = ESTIMATORS[cfg.estimator.name]
+        student = pair.student
+        student.train()
+        optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        scheduler = make_scheduler(optimizer, cfg)
 
-    ckpt = checkpoint.load(run_dir)
-    if ckpt is not None:
-        checkpoint.restore(ckpt, model=student, optimizer=optimizer, scheduler=scheduler)
-        start, state = ckpt["step"], ckpt["loop_state"]
-        print(f"[opd-exp] resuming {run_dir} at step {start}/{cfg.train.steps}")
-    else:
-        start, state = 0, {"before": evaluate_pair_before(pair, task, cfg), "nonfinite_total": 0,
-                           "nonfinite_streak": 0}
-    tracker = Tracker(run_dir, cfg, resume_step=start)
-    status = "completed"
-    with _StopFlag() as stop:
+        ckpt = checkpoint.load(run_dir)
+        if ckpt is not None:
+            checkpoint.restore(ckpt, model=student, optimizer=optimizer, scheduler=scheduler)
+            start, state = ckpt["step"], ckpt["loop_state"]  # the evaluation before training is not redone
+            print(f"[opd-exp] resuming {run_dir} at step {start}/{cfg.train.steps}")
+        else:
+            start, state = 0, {"before": evaluate_pair_before(pair, task, cfg), "nonfinite_total": 0,
+                               "nonfinite_streak": 0}
+        tracker = Tracker(run_dir, cfg, resume_step=start)  # drops metrics lines past the checkpoint
+        status = "completed"
         bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="opd", leave=False)
         for step in bar:
             t0 = time.time()
@@ -256,40 +293,52 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             prompts = [task.prompt_ids(pair.tokenizer, task.train[i]) for i in idx]
             last = step == cfg.train.steps - 1
             diagnose = bool(cfg.train.diag_every) and (step % cfg.train.diag_every == 0 or last)
-            metrics, finite, diag = train_step(pair, prompts, cfg, spec, optimizer, scheduler, special_ids, diagnose)
+            metrics, _, diag = train_step(pair, prompts, cfg, spec, optimizer, scheduler, special_ids, diagnose)
             if diag is not None and (step == 0 or last):
                 save_raw_samples(run_dir / "diag" / f"samples_step{step}.npz", diag, seed=cfg.seed)
-            state["nonfinite_streak"] = 0 if finite else state["nonfinite_streak"] + 1
-            state["nonfinite_total"] += 0 if finite else 1
+            n_skipped = int(metrics.get("train/nonfinite/updates", 0))
+            state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if n_skipped else 0
+            state["nonfinite_total"] += n_skipped
             metrics["train/nonfinite_skips"] = float(state["nonfinite_total"])
+            if n_skipped:
+                _warn_nonfinite(step, metrics, state["nonfinite_streak"], cfg.train.max_nonfinite)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
                 metrics |= _periodic_eval(pair, task, cfg)
-            if (step + 1) % cfg.train.log_every == 0 or not finite:
+            if (step + 1) % cfg.train.log_every == 0 or n_skipped:
                 tracker.log(step, metrics, time_s=time.time() - t0)
             bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
                             len=f"{metrics['train/response_len']:.1f}")
             if state["nonfinite_streak"] >= cfg.train.max_nonfinite:
                 status = "diverged"
-                print(f"[opd-exp] {state['nonfinite_streak']} non-finite updates in a row at step {step}: "
-                      f"stopping (last batch: {metrics})")
+                print(f"[opd-exp] {state['nonfinite_streak']} steps in a row with non-finite updates at step "
+                      f"{step} (train.max_nonfinite={cfg.train.max_nonfinite}): stopping as diverged",
+                      file=sys.stderr)
                 break
             done = step + 1
             if stop.requested or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
                 checkpoint.save(run_dir, step=done, model=student, optimizer=optimizer, scheduler=scheduler,
                                 loop_state=state)
-            if stop.requested:
+            if stop.requested:  # SIGTERM: the step is done and saved; the entrypoint exits 143
                 tracker.finish()
-                return {"status": "interrupted", "results": {}}
-    checkpoint.save(run_dir, step=cfg.train.steps if status == "completed" else step, model=student,
-                    optimizer=optimizer, scheduler=scheduler, loop_state=state)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.task.data_seed + 1)
-        after = evaluate_model(student, pair.tokenizer, task, cfg.eval, task.eval_splits)
+                return {"status": "interrupted", "results": {}, "interrupted_at_step": done}
+        checkpoint.save(run_dir, step=cfg.train.steps if status == "completed" else step, model=student,
+                        optimizer=optimizer, scheduler=scheduler, loop_state=state)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.task.data_seed + 1)
+            after = evaluate_model(student, pair.tokenizer, task, cfg.eval, task.eval_splits)
     results = dict(state["before"]) | {f"student_after/{k}": v for k, v in after.items()}
     results["train/nonfinite_skips"] = state["nonfinite_total"]
     tracker.log(cfg.train.steps, {f"eval/student_after/{k}": v for k, v in after.items() if "_ci" not in k})
     tracker.finish()
     return {"status": status, "results": results}
+
+
+def _warn_nonfinite(step: int, metrics: dict[str, float], streak: int, limit: int) -> None:
+    """One stderr line per step with skipped updates (the full batch summary is in metrics.jsonl)."""
+    bad = {k.removeprefix("train/nonfinite/"): v for k, v in metrics.items() if k.startswith("train/nonfinite/")}
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in bad.items() if k in ("loss", "grad_norm", "reward", "len_mean"))
+    print(f"[opd-exp] step {step}: skipped {int(bad['updates'])} non-finite update(s) ({shown}); "
+          f"{streak} step(s) in a row, diverged at train.max_nonfinite={limit}", file=sys.stderr)
 
 
 def _periodic_eval(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dict[str, float]:

@@ -7,6 +7,9 @@ experiment file, and every cell of each paper-table sweep (its sweeper params ex
 from __future__ import annotations
 
 import itertools
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +127,13 @@ def test_lr_tune_uses_prompts_and_seeds_apart():
     cfg = composed(["experiment=lr_tune"], hydra=True)
     assert cfg.task.data_seed != composed([]).task.data_seed
     assert all(int(s) >= 100 for s in str(cfg.hydra.sweeper.params.seed).split(","))
+
+
+def test_reproduce_script_dry_run_names_each_sweep_and_report():
+    script = CONF.parent / "scripts" / "reproduce_paper.sh"
+    env = {**os.environ, "DRY_RUN": "1", "SCALE": "smoke", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(script), "math_main", "lr_tune"], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    assert "-m opd_exp experiment=math_main hydra.sweep.dir=multirun/smoke/math_main" in out
+    assert "-m opd_exp.report multirun/smoke/lr_tune --out outputs/smoke/results/lr_tune" in out
+    assert "model.bootstrap]" in out  # the scale's keys are left out of the cells' dir names

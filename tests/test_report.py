@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 import types
@@ -259,17 +258,38 @@ def test_model_facet_splits_tables(tmp_path):
 
 def test_toy_runs_go_to_the_toy_report(tmp_path, monkeypatch):
     calls = []
+
+    def fake_toy_report(run_dirs, out_dir):
+        calls.append((sorted(run_dirs), out_dir))
+        (out_dir / "README.md").write_text("# Toy study (written by the toy report)\n")
+
     fake = types.ModuleType("opd_exp.toy.report")
-    fake.write_toy_report = lambda run_dirs, out_dir: calls.append((sorted(run_dirs), out_dir))
+    fake.write_toy_report = fake_toy_report
     monkeypatch.setitem(sys.modules, "opd_exp.toy.report", fake)
     sweep = tmp_path / "toy_gamma"
     for gamma in (0.0, 1.0):
         cfg = {"experiment": "toy_gamma", "seed": 0, "runner": "toy_gamma", "report": {}}
         make_run(sweep, [f"toy.gamma={gamma}", "seed=0"], cfg, results={"final/return": gamma})
+    make_run(sweep, ["toy.gamma=0.5", "seed=0"], {"experiment": "toy_gamma", "seed": 0, "runner": "toy_gamma"},
+             status="failed", error="RuntimeError: toy boom")
     out = tmp_path / "out"
     assert main([str(sweep), "--out", str(out)]) == 0
-    assert len(calls) == 1 and len(calls[0][0]) == 2 and calls[0][1] == out
-    assert "write_toy_report" in (out / "README.md").read_text()
+    assert len(calls) == 1 and len(calls[0][0]) == 3 and calls[0][1] == out  # failed runs too: it lists them
+    readme = (out / "README.md").read_text()
+    assert readme.startswith("# Toy study (written by the toy report)")
+    assert "RuntimeError: toy boom" in readme and "# Runs of `toy_gamma`" in readme
+    assert not (out / "main.md").exists()  # the toy report owns the tables
+
+
+def test_toy_runs_without_the_toy_report_get_generic_tables(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "opd_exp.toy.report", None)  # import fails
+    sweep = tmp_path / "toy_gamma"
+    for gamma in (0.0, 1.0):
+        cfg = {"experiment": "toy_gamma", "seed": 0, "runner": "toy_gamma", "report": {}}
+        make_run(sweep, [f"toy.gamma={gamma}", "seed=0"], cfg, results={"final/return": gamma})
+    assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    table = pd.read_csv(tmp_path / "out" / "main.csv")
+    assert row(table, "toy.gamma=1.0", "final/return")["mean"] == pytest.approx(1.0)
 
 
 def test_no_runs_is_an_error(tmp_path, capsys):
@@ -284,32 +304,50 @@ try:
     import opd_exp.train  # noqa: F401
 except Exception:  # the loop is being written: its imports may not resolve yet
     HAS_LOOP = False
-
-# smallest settings that exercise the real loop (the lead may tune them): a tiny pair, 2 steps, 8 eval prompts
-SMOKE = ["train.steps=2", "train.prompts_per_step=2", "train.mini_batch_size=4", "sampling.rollouts_per_prompt=2",
-         "sampling.max_new_tokens=16", "eval.max_new_tokens=16", "task.n_eval=8", "task.n_train=64", "eval.k=2",
-         "train.checkpoint_every=0", "threads=1",
-         "++model.bootstrap={teacher:{hidden_size:16,num_layers:1,num_heads:2,sft_steps:2},"
-         "student:{hidden_size:16,num_layers:1,num_heads:2,sft_steps:2,sft_examples:16},"
-         "eval_examples:4,progress:false}"]
+needs_loop = pytest.mark.skipif(not HAS_LOOP, reason="opd_exp.train does not import yet (the lead's loop)")
 # cells named by job number: the smoke overrides would make Hydra's override_dirname longer than a file name
 SHORT_SUBDIR = "hydra.sweep.subdir=cell${hydra:job.num}"
-needs_loop = pytest.mark.skipif(not HAS_LOOP, reason="opd_exp.train does not import yet (the lead's loop)")
 
 
-def opd_exp_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OPD_EXP_CACHE": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "opd_exp", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+def hydra_literal(value) -> str:
+    """A YAML value in Hydra's override grammar ({a:1,b:[x,y]}, true, null)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_literal(v) for v in value) + "]"
+    return str(value)
+
+
+@pytest.fixture(scope="module")
+def smoke_overrides(smoke) -> list[str]:
+    """The suite's smoke scale (tests/conftest.py, experiment/smoke.yaml) as command-line overrides, so these
+    runs share its bootstrapped pair while naming a paper experiment; the loop is cut to 2 steps."""
+    node = yaml.safe_load((smoke.conf_dir / "experiment" / "smoke.yaml").read_text())
+    node.pop("experiment", None)
+    node["train"].update(steps=2, checkpoint_every=0, diag_every=0)
+    out = [f"++model.bootstrap={hydra_literal(node['model'].pop('bootstrap'))}"]
+    for group, value in node.items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        out += [f"++{group}{'.' + k if k else ''}={hydra_literal(v)}" for k, v in items if v != {}]
+    return out
+
+
+def opd_exp_cli(args: list[str], smoke) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "opd_exp", *args], cwd=smoke.root, env=smoke.env(),
+                          capture_output=True, text=True, timeout=600)
 
 
 @needs_loop
-def test_failed_cell_is_reported_and_only_it_reruns(tmp_path):
+def test_failed_cell_is_reported_and_only_it_reruns(tmp_path, smoke, smoke_overrides):
     sweep = tmp_path / "sweep"
     # estimator.top_k=0 fails validation in one cell; the other cell must finish and be reported
-    args = ["-m", "experiment=math_main", "recipe=ours", "mask.enabled=false", "seed=0", "estimator.top_k=0,4",
-            f"hydra.sweep.dir={sweep}", SHORT_SUBDIR, *SMOKE]
-    first = opd_exp_cli(args, tmp_path)
+    args = ["-m", "experiment=math_main", "recipe=ours", "mask.enabled=false", "seed=0", *smoke_overrides,
+            "estimator.top_k=0,4", f"hydra.sweep.dir={sweep}", SHORT_SUBDIR]
+    first = opd_exp_cli(args, smoke)
     assert first.returncode == 0, first.stderr[-3000:]
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run_summary.json")}
     status = {name: s["status"] for name, s in summaries.items()}
@@ -317,29 +355,42 @@ def test_failed_cell_is_reported_and_only_it_reruns(tmp_path):
     assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     readme = (tmp_path / "out" / "README.md").read_text()
     assert "estimator.top_k" in readme and "| failed |" in readme
-    finished = next(sweep / n for n, s in status.items() if s == "completed")
-    mtime = (finished / "run_summary.json").stat().st_mtime_ns
-    second = opd_exp_cli(args, tmp_path)
+    assert "Ours w/o mask" in (tmp_path / "out" / "main.md").read_text()
+    cell = {s: next(sweep / n for n, st in status.items() if st == s) for s in ("completed", "failed")}
+    before = {s: (d / "run_summary.json").stat().st_mtime_ns for s, d in cell.items()}
+    second = opd_exp_cli(args, smoke)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "already finished; skipping" in second.stdout + second.stderr
-    assert (finished / "run_summary.json").stat().st_mtime_ns == mtime  # the finished cell was not re-run
+    after = {s: (d / "run_summary.json").stat().st_mtime_ns for s, d in cell.items()}
+    assert after["completed"] == before["completed"]  # the finished cell was skipped
+    assert after["failed"] > before["failed"]  # the failed one ran again
 
 
-# the paper-table sweeps (the toy study's experiments are smoke-tested by tests/test_toy*.py)
-EXPERIMENTS = ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "lr_tune"]
+# The paper-table sweeps other than math_main (the failed-cell test above runs math_main's Ours cell); the
+# toy study's experiments are smoke-tested by its own tests.
+SMOKED = ["ablation_components", "ablation_support", "ablation_k_topp", "lr_tune"]
+
+
+def first_cell(name: str) -> list[str]:
+    """Seed 0 and the first value of every other swept key of conf/experiment/<name>.yaml."""
+    node = OmegaConf.load(REPO / "conf" / "experiment" / f"{name}.yaml")
+    params = OmegaConf.select(node, "hydra.sweeper.params") or {}
+    return ["seed=0"] + [f"{k}={str(v).split(',')[0]}" for k, v in params.items() if k != "seed"]
 
 
 @needs_loop
-@pytest.mark.parametrize("name", EXPERIMENTS)
-def test_experiment_runs_at_smoke_scale(tmp_path, name):
-    """One cell of every experiment (seed 0, the first value of each swept key) through the real CLI."""
-    node = OmegaConf.load(REPO / "conf" / "experiment" / f"{name}.yaml")
-    params = OmegaConf.select(node, "hydra.sweeper.params") or {}
-    first = [f"{k}={str(v).split(',')[0]}" for k, v in params.items() if k != "seed"]
+@pytest.mark.parametrize("name", SMOKED)
+def test_experiment_runs_at_smoke_scale(tmp_path, smoke, smoke_overrides, monkeypatch, name):
+    """The entrypoint's own Hydra main, in this process (the subprocess CLI is covered above; re-importing
+    torch and transformers per experiment would cost most of the test budget)."""
+    from opd_exp.__main__ import hydra_main
+
     sweep = tmp_path / "sweep"
-    result = opd_exp_cli([f"experiment={name}", "seed=0", *first, f"hydra.sweep.dir={sweep}", SHORT_SUBDIR,
-                          *SMOKE], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    statuses = [json.loads(p.read_text())["status"] for p in sweep.glob("*/run_summary.json")]
-    assert statuses and all(s in ("completed", "diverged") for s in statuses), result.stderr[-3000:]
+    monkeypatch.setenv("OPD_EXP_CACHE", str(smoke.cache))
+    monkeypatch.setattr(sys, "argv", ["opd-exp", f"experiment={name}", *first_cell(name), *smoke_overrides,
+                                      f"hydra.sweep.dir={sweep}", SHORT_SUBDIR])
+    hydra_main()
+    summaries = [json.loads(p.read_text()) for p in sweep.glob("*/run_summary.json")]
+    assert summaries and all(s["status"] in ("completed", "diverged") for s in summaries), summaries
     assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    assert "Table" in (tmp_path / "out" / "README.md").read_text() or name == "lr_tune"

@@ -21,6 +21,7 @@ Run-dir files: rows.json (one row per (T, gamma)), metrics.jsonl (one line per T
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def growth_exponent(horizons: list[int], values: list[float]) -> float:
 
 def run(cfg: RunConfig, run_dir: Path) -> dict:
     torch.set_num_threads(cfg.threads or 1)
+    cpu_start = time.process_time()
     toy = load_config(cfg)
     # the pair's random tables depend on the seed only, so the couplings of a seed are paired
     pair = make_pair(toy.vocab, toy.coupling, toy.student_coupling, toy.logit_scale,
@@ -102,7 +104,9 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     for r in rows:
         r.update(seed=cfg.seed, coupling=toy.coupling)
     atomic_write_json(run_dir / "rows.json", rows)
-    return {"status": "completed", "toy": asdict(toy), "results": summarise(rows, toy)}
+    results = summarise(rows, toy)
+    results["cpu_seconds"] = time.process_time() - cpu_start  # load-independent cost (wall time is not)
+    return {"status": "completed", "toy": asdict(toy), "results": results}
 
 
 def summarise(rows: list[dict], toy: ToyExactConfig) -> dict[str, float]:

@@ -55,6 +55,7 @@ def timing(runs: list[dict]) -> dict[str, float]:
     starts = [(d / "config.yaml").stat().st_mtime for d in dirs if (d / "config.yaml").exists()]
     ends = [(d / "run_summary.json").stat().st_mtime for d in dirs]
     return {"cells": len(runs), "sum_cell_s": sum(float(r.get("wall_time_s") or 0) for r in runs),
+            "sum_cpu_s": sum(float(r["results"].get("cpu_seconds", float("nan"))) for r in runs),
             "span_s": max(ends) - min(starts) if starts else float("nan")}
 
 
@@ -123,8 +124,10 @@ def _sweep_line(name: str, runs: list[dict], keys: list[str]) -> str:
     seeds = sorted({r["seed"] for r in runs})
     swept = {k: sorted({r["toy"][k] for r in runs}) for k in keys}
     grid = ", ".join(f"{k} in {v}" for k, v in swept.items())
-    return (f"- `{name}`: {t['cells']} completed cells ({grid}; seeds {seeds}). Sum of cell wall times "
-            f"{t['sum_cell_s'] / 60:.1f} min; sweep span (first cell start to last cell end) {t['span_s'] / 60:.1f} min.")
+    return (f"- `{name}`: {t['cells']} completed cells ({grid}; seeds {seeds}). Sweep span (first cell start "
+            f"to last cell end) {t['span_s'] / 60:.1f} min; sum of cell wall times {t['sum_cell_s'] / 60:.1f} min; "
+            f"sum of cell CPU times {t['sum_cpu_s'] / 60:.1f} min (load-independent; on 2 idle cores the sweep "
+            f"takes about half of it).")
 
 
 def render_readme(sections: list, failed: list[dict], report_s: float) -> str:
@@ -144,7 +147,7 @@ def render_readme(sections: list, failed: list[dict], report_s: float) -> str:
     parts.append("## Verdicts (95% t-intervals over seeds; each test uses one number per seed)\n")
     for name, _, verdicts, extra in sections:
         parts.append(f"### {name}\n")
-        rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in verdicts]
+        rows = [{k: v for k, v in row.items() if k != "note"} for row in verdicts]
         parts.append(to_markdown(pd.DataFrame(rows)))
         parts.append(plain_statements(verdicts))
         if name == "toy_exact":
@@ -161,10 +164,10 @@ def render_readme(sections: list, failed: list[dict], report_s: float) -> str:
 
 def plain_statements(verdicts: list[dict]) -> str:
     """One sentence per claim, saying plainly when a direction does not reproduce."""
-    lines = []
-    for v in verdicts:
-        ok = v["verdict"] == "holds"
-        lines.append(f"- {'Reproduces' if ok else 'Does NOT reproduce'}: {v['claim']} ({v['verdict']}).")
+    words = {"holds": "Reproduces", "not significant": "Does NOT reproduce (no significant direction)",
+             "reversed": "Does NOT reproduce (the opposite direction is significant)"}
+    lines = [f"- {words.get(v['verdict'], 'Does NOT reproduce')}: {v['claim']} ({v['verdict']})."
+             + (f" Note: {v['note']}." if v.get("note") else "") for v in verdicts]
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +179,8 @@ FILES = """## Files
 | gamma_runs.csv | every toy_gamma cell's flat results |
 | gamma_grad_var.png | the variance proxy over iterations per gamma (the paper's figure) |
 | gamma_dist_to_goal.png, gamma_kl_to_teacher.png | evaluation distance to goal and KL to the teachers over iterations |
-| gamma_visitation.png, gamma_visitation_train.png | state-visitation heatmaps per gamma and task (final policy / all training rollouts) |
+| gamma_visitation.png | state-visitation heatmaps per gamma and task, final policy |
+| gamma_visitation_train.png | the same over all training rollouts |
 | gamma_visitation_seeds.png | final-policy visitation per gamma and seed |
 | exact_variance.{csv,md}, exact_variance_vs_T.png, exact_variance_vs_gamma.png | tr Cov[g_gamma] vs T and gamma |
 | exact_exponents.{csv,md} | fitted growth exponents beside the O(T^2) / O(T^4) bounds |
