@@ -11,7 +11,8 @@ Arguments are sweep dirs, run dirs or globs: every directory under them holding 
 seeds are aggregated into mean, a 95% t-interval (n - 1 degrees of freedom; n = 1 gives none) and n. Failed and
 unfinished cells are listed in README.md with their error's last line, never fatal. With several experiments
 and --out, each goes to <out>/<experiment>/. Toy-study runs (runner toy_gamma / toy_exact) go to
-opd_exp.toy.report.write_toy_report.
+opd_exp.toy.report.write_toy_report; `failure_modes` runs also go to opd_exp.failure_report.write_failure_report
+(its figures, tables and verdicts open the README).
 
 Layout: the experiment's `report:` block (conf/experiment/<name>.yaml) mirrors the paper's rows x columns:
 
@@ -66,6 +67,7 @@ from opd_exp.validation import ConfigError, spec, validate
 
 FINISHED = rundir.FINISHED
 TOY_RUNNERS = ("toy_gamma", "toy_exact")
+FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.failure_report (figures and verdicts)
 NOT_CELL_KEYS = {"seed", "experiment", "overwrite", "device", "threads", "wandb.enabled", "wandb.mode"}
 WHO = ("teacher", "student_before", "student_after")
 DEFAULT_CURVES = ["train/loss", "train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy"]
@@ -797,6 +799,10 @@ def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> 
     toy_written = bool(toy) and toy_report(toy, out)
     title = spec_.title if spec_ and spec_.title else name
     body = [f"# {title} (`{name}`)", ""] if not toy_written else ["", "---", "", f"# Runs of `{name}`", ""]
+    if name == FAILURE_EXPERIMENT and opd:
+        from opd_exp.failure_report import write_failure_report
+
+        body += write_failure_report(opd, out)
     body += provenance(runs, args)
     if opd or not toy_written:
         body += ["## Tables", ""] + write_tables(opd or toy, out, spec_ if opd else None)
@@ -814,9 +820,10 @@ def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> 
 # ----------------------------------------------------------------------------- CLI
 
 def group_by_experiment(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs per experiment; both toy studies share one report, ``toy`` (results/toy/)."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        groups[run.experiment].append(run)
+        groups["toy" if run.runner in TOY_RUNNERS else run.experiment].append(run)
     return dict(sorted(groups.items()))
 
 
