@@ -135,21 +135,16 @@ def hydra_main(cfg: DictConfig) -> None:
 def check_cli_keys(argv: list[str]) -> list[str]:
     """Check the command line's ``group.key=value`` overrides against the schema before Hydra composes.
 
-    An unknown key stops with the closest valid one (Hydra's own message would only say "not in struct"). A
-    valid ``estimator.<key>`` becomes ``++estimator.<key>``: each conf/estimator/<name>.yaml lists only the knobs
-    that estimator reads, so Hydra would refuse e.g. ``estimator.top_k=0`` under sampled_token before the
-    validator could check its value.
+    An unknown key stops with the closest valid one (Hydra's own message would only say "not in struct").
     """
     import dataclasses
     import typing
 
     from opd_exp.validation import closest
 
-    out = []
     for arg in argv:
         key, eq, value = arg.partition("=")
         if arg.startswith(("-", "+", "~")) or not eq or "." not in key or key.startswith("hydra"):
-            out.append(arg)
             continue
         cls, parts = RunConfig, key.split(".")
         for i, part in enumerate(parts):
@@ -162,9 +157,7 @@ def check_cli_keys(argv: list[str]) -> list[str]:
             if not dataclasses.is_dataclass(tp):
                 break  # a leaf, or a free-form mapping (model.bootstrap, toy, ...) checked by its owner
             cls = tp
-        leaf = len(parts) == 2 and parts[0] == "estimator"
-        out.append(f"++{arg}" if leaf else arg)
-    return out
+    return argv
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ class EstimatorConfig:
     kl_form: str = spec("k1", "single-sample KL form of the per-token reward", choices=["k1", "k2", "k3"])
     clip_eps: float = spec(0.2, "PPO clip range of the importance ratio", gt=0.0, le=10.0)
     baseline: str = spec("none", "baseline subtracted from the return", choices=["none", "mean"])
-    top_k: int = spec(32, "support size K of topk_rkl", ge=1)
+    top_k: int = spec(8, "support size K of topk_rkl (the paper: 32 at V = 152k; 8 on the tiny pair)", ge=1)
     support: str = spec("teacher", "whose top-K forms the support", choices=["teacher", "student"])
     add_sampled: bool = spec(False, "append the sampled token to the support when outside top-K")
     normalize: str = spec("renormalized", "renormalise both models over the support, or use full log-probs",

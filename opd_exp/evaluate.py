@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from opd_exp.config import EvalConfig, SamplingConfig
-from opd_exp.rollout import rollout
+from opd_exp.rollout import rollout, stop_ids
 
 Z95 = 1.959963984540054
 
@@ -64,7 +64,7 @@ def _generate_correct(model, tokenizer, task, examples, sampling, n, greedy, bat
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [task.prompt_ids(tokenizer, ex) for ex in chunk]
-        ro = rollout(model, prompts, sampling, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+        ro = rollout(model, prompts, sampling, eos_id=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
                      n_per_prompt=n, greedy=greedy)
         for i, ok in zip(ro.prompt_index_B.tolist(), _correct(task, tokenizer, ro, chunk), strict=True):
             per_example[start + i].append(ok)

@@ -54,16 +54,25 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def completion_mask(completion_ids_BT: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask through the first EOS inclusive, truncated flag per row)."""
-    is_eos = completion_ids_BT == eos_id
+def stop_ids(model, tokenizer) -> list[int]:
+    """The ids that end ``model``'s responses: its generation config's EOS (a model may write its own end
+    token, as the paper's teacher does), else the tokenizer's."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def completion_mask(completion_ids_BT: torch.Tensor, eos_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask through the first EOS inclusive, truncated flag per row); any of several ids can end a row."""
+    is_eos = torch.isin(completion_ids_BT, torch.as_tensor(eos_id))
     eos_seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
     truncated = ~is_eos.any(-1)
     return ~eos_seen_before, truncated
 
 
 @torch.no_grad()
-def rollout(model, prompts: list[list[int]], sampling: SamplingConfig, *, eos_id: int, pad_id: int,
+def rollout(model, prompts: list[list[int]], sampling: SamplingConfig, *, eos_id: int | list[int], pad_id: int,
             n_per_prompt: int | None = None, greedy: bool = False) -> Rollout:
     """Sample ``n_per_prompt`` completions of every prompt (rows grouped by prompt).
 

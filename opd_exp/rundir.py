@@ -10,7 +10,10 @@ A run dir (Hydra's output dir) holds:
     status:      "running" | "completed" | "failed" | "diverged" | "interrupted"
     runner, experiment, seed, overrides (list of "key=value" from the command line / sweep)
     results:     flat {"<name>": float}, e.g. "student_after/id/pass@1", and "<name>_ci": [lo, hi]
-    wall_time_s, git_commit, versions, error (traceback text when failed)
+    wall_time_s (all attempts: a resumed run adds to it; an attempt killed hard counts up to its last write),
+    attempt (1, 2, ... one per start), started_at (epoch seconds of this attempt), git_commit, versions,
+    error (the one-line message, or the traceback of an unexpected exception, when failed),
+    interrupted_at_step (when interrupted by SIGTERM: the step its checkpoint resumes from)
 """
 
 from __future__ import annotations

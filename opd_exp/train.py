@@ -32,7 +32,7 @@ from opd_exp.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
 from opd_exp.evaluate import evaluate_model
 from opd_exp.masks import special_token_mask_BT
 from opd_exp.models import ModelPair, load_pair
-from opd_exp.rollout import Rollout, completion_logits, rollout
+from opd_exp.rollout import Rollout, completion_logits, rollout, stop_ids
 from opd_exp.scoring import score_student_old, score_teacher
 from opd_exp.tasks.math import MathTask
 from opd_exp.tokenization import resolve_token_ids
@@ -106,7 +106,7 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
     needs = spec.needs(cfg.estimator)
     policy = pair.student if needs.rollout_policy == "student" else pair.teacher
     tok = pair.tokenizer
-    ro = rollout(policy, prompts, cfg.sampling, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    ro = rollout(policy, prompts, cfg.sampling, eos_id=stop_ids(policy, tok), pad_id=tok.pad_token_id)
     diag_k = min(cfg.train.diag_top_k, len(tok)) if diagnose else 0
     old = score_student_old(pair.student, ro, top_k=needs.student_topk or diag_k)
     teacher = score_teacher(pair.teacher, ro, needs, old.topk_ids_BTK if needs.student_topk else None,

@@ -80,8 +80,8 @@ def test_sigterm_checkpoints_exits_143_and_rerun_resumes(smoke, reference_run, t
 def test_same_seed_gives_identical_metrics_across_processes(smoke, reference_run, sweep4):
     """The reference (in this process) and the sweep's cell with the same config (another process)."""
     sweep_dir, _ = sweep4
-    cell = sweep_dir / "estimator=sampled_token,estimator.top_k=8,seed=0"  # top_k is unused by sampled_token
-    other_seed = sweep_dir / "estimator=sampled_token,estimator.top_k=8,seed=1"
+    cell = sweep_dir / "estimator=sampled_token,seed=0"
+    other_seed = sweep_dir / "estimator=sampled_token,seed=1"
     assert (cell / "metrics.jsonl").read_text() != (reference_run / "metrics.jsonl").read_text()  # time/ differs
     assert smoke.metrics(cell) == smoke.metrics(reference_run)
     assert smoke.summary(cell)["results"] == smoke.summary(reference_run)["results"]
@@ -255,8 +255,8 @@ def _pretrained(smoke, tmp_path, role_to_break: str):
 FILE_FAULTS = {  # name -> (role to copy and damage, damage(dir), words expected in the one-line error)
     "truncated_weights": ("student", lambda d: _truncate(d / "model.safetensors"),
                           ["student checkpoint", "cannot be loaded"]),
-    "malformed_config": ("teacher", lambda d: (d / "config.json").write_text("{\"hidden_size\": 3"),
-                         ["teacher checkpoint", "config.json is malformed"]),
+    "malformed_config": ("student", lambda d: (d / "config.json").write_text("{\"hidden_size\": 3"),
+                         ["student checkpoint", "config.json is malformed"]),
     "missing_weights": ("teacher", lambda d: (d / "model.safetensors").unlink(), ["teacher checkpoint", "no weights"]),
     "missing_tokenizer": ("tokenizer", lambda d: [p.unlink() for p in d.iterdir()],
                           ["student tokenizer", "no tokenizer files"]),
