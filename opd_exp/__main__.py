@@ -24,6 +24,7 @@ Exit status (single run; a sweep records each cell's status in its run_summary.j
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -95,9 +96,11 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
     summary.update(runner=cfg.runner, experiment=cfg.experiment, seed=cfg.seed)
     if rundir.is_finished(run_dir):
         if not cfg.overwrite:
+            _tell_other_ranks("skip")
             print(f"[opd-exp] {run_dir} already finished; skipping (overwrite=true to re-run)")
             return rundir.read_summary(run_dir)
         rundir.clear_run(run_dir)  # else the final checkpoint would "resume" a finished run
+    _tell_other_ranks("run")
     elapsed_before, attempt = _time_so_far(run_dir)
     rundir.atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg_node, resolve=True))
     summary.update(attempt=attempt, started_at=start, wall_time_s=elapsed_before)
@@ -126,10 +129,55 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
     return summary
 
 
+# ----------------------------------------------------------------------------- data-parallel (torchrun)
+# Every rank runs this entrypoint; rank 0 runs execute() as a single process would, the others follow() it.
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _tell_other_ranks(decision: str) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from opd_exp import distributed
+
+        distributed.broadcast(decision)
+
+
+def follow(cfg_node: DictConfig, run_dir: Path) -> None:
+    """A rank > 0: trains beside rank 0, which alone writes the run dir and decides to skip or (re)start it."""
+    from opd_exp import distributed
+
+    try:
+        cfg = load_run_config(cfg_node)
+        if distributed.broadcast(None) == "run":
+            _runner(cfg.runner)(cfg, run_dir)
+    except _clean_errors():
+        pass  # rank 0 meets the same error and reports it
+
+
+def check_torchrun_args(argv: list[str]) -> list[str]:
+    """Under torchrun every rank must write to one run dir (the default dir holds each rank's own timestamp);
+    ranks > 0 write no Hydra files there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return argv
+    if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
+        raise ConfigError("hydra.run.dir", "not set; required under torchrun (WORLD_SIZE > 1) so that every "
+                          "rank writes to the same run dir, e.g. hydra.run.dir=outputs/ddp")
+    return argv + (["hydra.output_subdir=null", "hydra/job_logging=disabled"] if _rank() > 0 else [])
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
-    execute(cfg, Path(hc.runtime.output_dir), list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
+    run_dir = Path(hc.runtime.output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from opd_exp import distributed
+
+        distributed.init()
+        if _rank() > 0:
+            return follow(cfg, run_dir)
+    execute(cfg, run_dir, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
 
 
 def check_cli_keys(argv: list[str]) -> list[str]:
@@ -162,7 +210,7 @@ def check_cli_keys(argv: list[str]) -> list[str]:
 
 def main() -> None:
     try:
-        sys.argv[1:] = check_cli_keys(sys.argv[1:])
+        sys.argv[1:] = check_torchrun_args(check_cli_keys(sys.argv[1:]))
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         sys.exit(EXIT_CONFIG)

@@ -5,11 +5,14 @@
 
 Both models are randomly initialised Llama (or Qwen2) configs over the character tokenizer of
 :mod:`opd_exp.tokenization` and trained by supervised fine-tuning (loss on response tokens only) on the math
-task's worked traces. The gap between them is a **data gap** by default: the student has the capacity to learn
-the task (with the full pool it passes 80%), but it is SFT-trained to a plateau on only ``student.sft_examples``
-problems, so it has not learnt all the arithmetic facts the teacher knows; on-policy distillation over the full
-prompt pool can transfer them. See ``conf/model/tiny.yaml`` for the measured accuracies.
-
+task's worked traces. The gap between them is a **data gap**: the student (96 x 2 layers, 0.30M) is SFT-trained
+on only ``student.sft_examples`` (200) problems, which it memorises (train accuracy 100%, loss ~1e-4) while its
+held-out accuracy stays low; the teacher (192 x 4, 2.37M) sees the whole 20k pool. Measured at 500 steps
+(2-core AVX2 CPU shared with other jobs), student id accuracy against its number of SFT problems:
+100 -> 7%, 150 -> 19%, 200 -> 31%, 300 -> 64%, 400 -> 66%, 500 -> 80%; 200 problems for 1000 steps -> 40% (it
+still drifts up slowly after memorising). Teacher: id 98.5% after 700 steps (probe: 86% at 300, 95% at 400).
+On-policy distillation over the full prompt pool gives the student the teacher's feedback on problems it has
+never seen; compare it with SFT on the full pool at equal compute.
 Cache: ``<cache_dir>/<name>-<hash>`` where the hash covers the bootstrap settings, the task knobs that change
 the training data and :data:`BOOTSTRAP_VERSION` (bump it whenever a code change alters what is trained). An
 entry is built in a temp dir, marked complete, then renamed into place, under a file lock, so concurrent runs
@@ -54,7 +57,7 @@ class MemberConfig:
     intermediate_size: int = spec(0, "MLP width (0 = 4 * hidden_size)", ge=0)
     sft_examples: int = spec(0, "train problems the model sees (0 = the whole train pool): the data-gap knob",
                              ge=0)
-    sft_steps: int = spec(2000, "optimizer steps", ge=0)
+    sft_steps: int = spec(500, "optimizer steps", ge=0)
     batch_size: int = spec(64, "sequences per step", ge=1)
     lr: float = spec(2e-3, "AdamW peak learning rate (linear warm-up, cosine decay to 10%)", gt=0.0)
     warmup_steps: int = spec(50, "linear warm-up steps", ge=0)
@@ -65,7 +68,7 @@ class MemberConfig:
 
 
 def _student_defaults() -> MemberConfig:
-    return MemberConfig(hidden_size=96, num_layers=2, num_heads=4, sft_examples=400, sft_steps=600)
+    return MemberConfig(hidden_size=96, num_layers=2, num_heads=4, sft_examples=200, sft_steps=500, lr=3e-3)
 
 
 @dataclass

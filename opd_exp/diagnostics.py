@@ -417,17 +417,21 @@ def step_diagnostics(inputs: DiagInputs, *, n_buckets: int = 4, top_p: float = 0
 def raw_samples(inputs: DiagInputs, max_tokens: int = 20000, seed: int = 0) -> dict[str, np.ndarray]:
     """Per-token arrays over the completion tokens, subsampled uniformly (without replacement, order kept) to
     at most ``max_tokens``: ``teacher_prob`` (q(y_t); absent without teacher log-probs), ``student_prob``
-    (pi_old(y_t)), ``rel_pos``, ``abs_pos``, ``token_id``, ``is_special``, ``in_loss``, ``row``."""
+    (pi_old(y_t)), their log-probs ``teacher_logprob`` / ``student_logprob`` (probabilities underflow float32
+    below about -87 nats, as a mismatched teacher's are), ``rel_pos``, ``abs_pos``, ``token_id``, ``is_special``,
+    ``in_loss``, ``row``."""
     mask_BT = inputs.completion_mask_BT.bool()
     abs_pos_BT, rel_pos_BT = relative_positions(mask_BT)
     rows_BT = torch.arange(mask_BT.shape[0], device=mask_BT.device).unsqueeze(1).expand_as(mask_BT)
     cols = {"student_prob": (inputs.student_logprobs_BT.double().exp(), np.float32),
+            "student_logprob": (inputs.student_logprobs_BT, np.float32),
             "rel_pos": (rel_pos_BT, np.float32), "abs_pos": (abs_pos_BT, np.int32),
             "token_id": (inputs.tokens_BT, np.int32),
             "is_special": (special_mask(inputs.tokens_BT, inputs.special_ids), np.bool_),
             "in_loss": (inputs.loss_mask_BT, np.bool_), "row": (rows_BT, np.int32)}
     if inputs.teacher_logprobs_BT is not None:
         cols["teacher_prob"] = (inputs.teacher_logprobs_BT.double().exp(), np.float32)
+        cols["teacher_logprob"] = (inputs.teacher_logprobs_BT, np.float32)
     n = int(mask_BT.sum())
     keep = np.arange(n)
     if n > max_tokens:

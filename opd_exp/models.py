@@ -144,6 +144,8 @@ def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.
     if dtype is None or isinstance(dtype, str):
         dtype = DTYPES[dtype or model_cfg.dtype]
     teacher_dir, student_dir, tokenizer_dir = pair_paths(model_cfg, task_cfg)
+    check_checkpoint_dir(student_dir, "student")  # before the tokenizers: AutoTokenizer also reads config.json
+    check_checkpoint_dir(teacher_dir, "teacher")
     tokenizer = load_tokenizer(tokenizer_dir, role="student")
     teacher_tokenizer = load_tokenizer(teacher_dir, role="teacher") if has_tokenizer(teacher_dir) else tokenizer
     student = load_checkpoint(student_dir, device, dtype, role="student")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from opd_exp import checkpoint
+from opd_exp import checkpoint, distributed
 from opd_exp.audit import audit_tokenizers, check_pair_compatible
 from opd_exp.config import RunConfig
 from opd_exp.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
@@ -58,6 +58,15 @@ def check_against_vocab(cfg: RunConfig, vocab_size: int) -> None:
     """Cross-field checks that need the loaded pair."""
     if cfg.estimator.name == "topk_rkl" and cfg.estimator.top_k > vocab_size:
         raise ConfigError("estimator.top_k", f"got {cfg.estimator.top_k}, allowed: 1..{vocab_size} (vocab size)")
+
+
+def check_against_world(cfg: RunConfig, world: int) -> None:
+    """Data-parallel runs split each step's prompts and each mini-batch evenly across the ranks."""
+    for field, n in (("train.prompts_per_step", cfg.train.prompts_per_step),
+                     ("train.mini_batch_size", cfg.train.mini_batch_size)):
+        if n % world:
+            raise ConfigError(field, f"got {n}, allowed: a multiple of the {world} data-parallel processes "
+                                     "(torchrun --nproc_per_node)")
 
 
 def prompts_for_step(n_pool: int, seed: int, step: int, n: int) -> list[int]:
@@ -119,7 +128,7 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
     totals: dict[str, float] = {}
     skipped: dict[str, float] = {}  # the offending mini-batch when an update is skipped (non-finite)
     n_updates, finite = 0, True
-    B, mb = len(ro), cfg.train.mini_batch_size
+    B, mb = len(ro), cfg.train.mini_batch_size // distributed.world_size()  # this rank's rows of a mini-batch
     for _ in range(cfg.train.ppo_epochs):
         order = torch.randperm(B)
         for start in range(0, B, mb):
@@ -141,6 +150,8 @@ def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: 
             ok, grad_norm = bool(torch.isfinite(out.loss)), float("nan")
             if ok:
                 out.loss.backward()
+            ok = distributed.all_reduce_grads(pair.student, ok)  # data-parallel: the ranks' mean gradient
+            if ok:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(),
                                                                  cfg.train.max_grad_norm))
                 ok = math.isfinite(grad_norm)
@@ -198,6 +209,16 @@ def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- the run
+
+
+class _NoTracker:
+    """A data-parallel rank > 0 logs nothing: rank 0 logs the step's metrics averaged over the ranks."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
 
 
 class _StopFlag:
@@ -261,15 +282,17 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    seed_everything(cfg.seed)
+    distributed.init()
+    check_against_world(cfg, distributed.world_size())
+    seed_everything(cfg.seed + 100003 * distributed.rank())  # each rank samples its own rollouts
     device = pick_device(cfg.device)
     with _StopFlag() as stop:  # from the start: a SIGTERM while loading is honoured after the first step
         task = MathTask(cfg.task)
         pair = load_pair(cfg.model, cfg.task, device)
         check_against_vocab(cfg, len(pair.tokenizer))
         check_pair_tokenizers(pair, task)
-        special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens) \
-            if cfg.mask.enabled else []
+        # resolved whether or not masking is on: the diagnostics report the special tokens' share either way
+        special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens)
         spec = ESTIMATORS[cfg.estimator.name]
         student = pair.student
         student.train()
@@ -280,21 +303,36 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         if ckpt is not None:
             checkpoint.restore(ckpt, model=student, optimizer=optimizer, scheduler=scheduler)
             start, state = ckpt["step"], ckpt["loop_state"]  # the evaluation before training is not redone
+            rng_ranks = state.get("rng_ranks") or []  # data-parallel: each rank's own sampling RNG
+            if distributed.world_size() > 1 and len(rng_ranks) == distributed.world_size():
+                checkpoint.set_rng_state(rng_ranks[distributed.rank()])
             print(f"[opd-exp] resuming {run_dir} at step {start}/{cfg.train.steps}")
         else:
-            start, state = 0, {"before": evaluate_pair_before(pair, task, cfg), "nonfinite_total": 0,
-                               "nonfinite_streak": 0}
-        tracker = Tracker(run_dir, cfg, resume_step=start)  # drops metrics lines past the checkpoint
+            before = evaluate_pair_before(pair, task, cfg) if distributed.is_main() else {}
+            start, state = 0, {"before": before, "nonfinite_total": 0, "nonfinite_streak": 0}
+        # data-parallel: rank 0 alone writes the run dir and evaluates (opd_exp.distributed)
+        tracker = Tracker(run_dir, cfg, resume_step=start) if distributed.is_main() else _NoTracker()
+
+        def save(step: int) -> None:
+            if distributed.world_size() > 1:  # every rank's sampling RNG, for a bit-exact resume
+                state["rng_ranks"] = distributed.gather(checkpoint.rng_state())
+            if distributed.is_main():
+                checkpoint.save(run_dir, step=step, model=student, optimizer=optimizer, scheduler=scheduler,
+                                loop_state=state)
+
         status = "completed"
-        bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="opd", leave=False)
+        bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="opd", leave=False,
+                   disable=not distributed.is_main())
         for step in bar:
             t0 = time.time()
-            idx = prompts_for_step(len(task.train), cfg.seed, step, cfg.train.prompts_per_step)
+            idx = distributed.shard(prompts_for_step(len(task.train), cfg.seed, step, cfg.train.prompts_per_step))
             prompts = [task.prompt_ids(pair.tokenizer, task.train[i]) for i in idx]
             last = step == cfg.train.steps - 1
             diagnose = bool(cfg.train.diag_every) and (step % cfg.train.diag_every == 0 or last)
             metrics, _, diag = train_step(pair, prompts, cfg, spec, optimizer, scheduler, special_ids, diagnose)
-            if diag is not None and (step == 0 or last):
+            # data-parallel: train/ averaged over the ranks; diag/ describes rank 0's share of the batch
+            metrics = distributed.all_reduce_mean(metrics, summed=("train/masked_tokens",), from_main=("diag/",))
+            if diag is not None and (step == 0 or last) and distributed.is_main():  # rank 0's share of the batch
                 save_raw_samples(run_dir / "diag" / f"samples_step{step}.npz", diag, seed=cfg.seed)
             n_skipped = int(metrics.get("train/nonfinite/updates", 0))
             state["nonfinite_streak"] = state["nonfinite_streak"] + 1 if n_skipped else 0
@@ -302,7 +340,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             metrics["train/nonfinite_skips"] = float(state["nonfinite_total"])
             if n_skipped:
                 _warn_nonfinite(step, metrics, state["nonfinite_streak"], cfg.train.max_nonfinite)
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and distributed.is_main():
                 metrics |= _periodic_eval(pair, task, cfg)
             if (step + 1) % cfg.train.log_every == 0 or n_skipped:
                 tracker.log(step, metrics, time_s=time.time() - t0)
@@ -315,14 +353,16 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                       file=sys.stderr)
                 break
             done = step + 1
-            if stop.requested or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
-                checkpoint.save(run_dir, step=done, model=student, optimizer=optimizer, scheduler=scheduler,
-                                loop_state=state)
-            if stop.requested:  # SIGTERM: the step is done and saved; the entrypoint exits 143
+            stopping = distributed.any_rank(stop.requested)  # every rank stops after the same step
+            if stopping or (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                save(done)
+            if stopping:  # SIGTERM: the step is done and saved; the entrypoint exits 143
                 tracker.finish()
                 return {"status": "interrupted", "results": {}, "interrupted_at_step": done}
-        checkpoint.save(run_dir, step=cfg.train.steps if status == "completed" else step, model=student,
-                        optimizer=optimizer, scheduler=scheduler, loop_state=state)
+        save(cfg.train.steps if status == "completed" else step)
+        distributed.check_in_sync(student)
+        if not distributed.is_main():
+            return {"status": status, "results": {}}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.task.data_seed + 1)
             after = evaluate_model(student, pair.tokenizer, task, cfg.eval, task.eval_splits)

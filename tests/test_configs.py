@@ -23,7 +23,7 @@ from opd_exp.report import report_spec
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted({p.parent.relative_to(CONF).parts[0] for p in CONF.glob("*/**/*.yaml")} - {"hydra", "experiment"})
-PAPER_EXPERIMENTS = ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "lr_tune"]
+PAPER_EXPERIMENTS = ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "lr_tune", "failure_modes"]
 
 
 def options(group: str) -> list[str]:
@@ -45,7 +45,7 @@ def run_config(cfg):
 
 def test_root_config_composes_and_validates():
     cfg = run_config(composed([]))
-    assert cfg.estimator.name == "sampled_token" and cfg.sampling.top_p == 1.0
+    assert cfg.estimator.name == "topk_rkl" and cfg.sampling.top_p == 0.9
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])

@@ -277,7 +277,7 @@ def test_toy_runs_go_to_the_toy_report(tmp_path, monkeypatch):
     assert len(calls) == 1 and len(calls[0][0]) == 3 and calls[0][1] == out  # failed runs too: it lists them
     readme = (out / "README.md").read_text()
     assert readme.startswith("# Toy study (written by the toy report)")
-    assert "RuntimeError: toy boom" in readme and "# Runs of `toy_gamma`" in readme
+    assert "RuntimeError: toy boom" in readme and "# Runs of `toy`" in readme
     assert not (out / "main.md").exists()  # the toy report owns the tables
 
 
@@ -345,7 +345,7 @@ def opd_exp_cli(args: list[str], smoke) -> subprocess.CompletedProcess:
 def test_failed_cell_is_reported_and_only_it_reruns(tmp_path, smoke, smoke_overrides):
     sweep = tmp_path / "sweep"
     # estimator.top_k=0 fails validation in one cell; the other cell must finish and be reported
-    args = ["-m", "experiment=math_main", "recipe=ours", "mask.enabled=false", "seed=0", *smoke_overrides,
+    args = ["-m", "experiment=math_main", "recipe=ours", "mask.enabled=false", "model=tiny", "seed=0", *smoke_overrides,
             "estimator.top_k=0,4", f"hydra.sweep.dir={sweep}", SHORT_SUBDIR]
     first = opd_exp_cli(args, smoke)
     assert first.returncode == 0, first.stderr[-3000:]

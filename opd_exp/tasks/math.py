@@ -15,6 +15,7 @@ question. Graded by greedy exact match of the integer after the last answer pref
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass, replace
@@ -124,10 +125,20 @@ def load_jsonl(path: str, seed: int) -> list[Example]:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ConfigError("task.dataset_path", f"{file}: no such file")
+    # datasets logs its own traceback on a parse error before raising: keep stderr to our one-line error
+    logger = logging.getLogger("datasets")
+    level, bars = logger.level, datasets.is_progress_bar_enabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
     try:
         rows = datasets.load_dataset("json", data_files=str(file), split="train")
     except Exception as err:  # datasets raises many types for malformed JSON
-        raise ConfigError("task.dataset_path", f"{file}: not valid JSONL ({type(err).__name__}: {err})") from None
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
+        raise ConfigError("task.dataset_path", f"{file}: not valid JSONL ({reason})") from None
+    finally:
+        logger.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
     missing = {"question", "answer"} - set(rows.column_names)
     if missing:
         raise ConfigError("task.dataset_path", f"{file}: rows lack {sorted(missing)} (have {rows.column_names})")

@@ -1,0 +1,587 @@
+"""The failure-modes report: figures, tables and verdicts for `failure_modes` runs (PAPER.md, F1-F3).
+
+    opd-exp experiment=failure_modes && opd-exp-report multirun/failure_modes   # -> results/failure_modes/
+
+opd-exp-report hands the runs of the `failure_modes` experiment here (:func:`write_failure_report`), then adds
+its own provenance, generic tables and cell list to the same README. Inputs per run dir: config.yaml,
+run_summary.json, metrics.jsonl (``diag/...`` keys every ``train.diag_every`` steps) and the raw per-token
+samples ``diag/samples_step{0,last}.npz`` (opd_exp/diagnostics.py).
+
+Cells are (pair, estimator, rollout top-p, mask), read from each run's resolved config; seeds are the
+replicates. Every number is a mean over seeds with a 95% t-interval (opd_exp.report.mean_ci); comparisons
+between cells pair runs by seed. A verdict needs two seeds or more (else UNDETERMINED). The rules are fixed
+here, before any run was read, and never tuned to the outcome:
+
+- mode 1 (Fig. 2) reproduces on a pair when, in the baseline cell (sampled_token, top-p 1, no mask) at the first
+  step, the share of sampled tokens below the diagonal (teacher prob < student prob) has a CI above 0.5. The fix
+  (topk_rkl) does not train on that one-token reward, so it removes it by construction; the shares on its
+  rollouts are reported, not judged.
+- mode 2 (Figs. 3-4) reproduces when, in the baseline cell at the last step, p10 of the teacher - student gap of
+  the sampled token (special tokens left out, so mode 3 does not pose as mode 2) is lower in the last quarter
+  of the responses than in the first: the per-seed difference has a CI below 0. The fix removes it when the
+  same test fails on its cell (topk_rkl, top-p < 1, masked); the paired difference is given either way.
+- mode 3 (Fig. 5) reproduces on a pair when, at the first step, the teacher - student log-prob gap on the
+  pair's special tokens (``model.special_tokens``) has a CI below -:data:`MISMATCH_NATS` nats. Its harm is a
+  student that stops writing its own end token: masking removes it when, per estimator, the last-step share of
+  truncated responses drops with the mask (paired CI above 0) to no more than on the other pair (CIs overlap).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from opd_exp import rundir
+from opd_exp.report import Run, Stat, _pyplot, mean_ci
+
+MISMATCH_NATS = 5.0  # a special-token gap beyond this is a convention mismatch (audit.format_side_by_side flags it)
+N_BUCKETS = 4  # relative-position buckets (quarters of each response), as the diagnostics log them
+LOG_FLOOR = float(np.log(np.finfo(np.float32).tiny))  # probabilities are stored as float32: log floor -87.3
+DYNAMICS = ["train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy", "train/logprob_gap",
+            "diag/len/truncated_frac"]
+
+
+# ----------------------------------------------------------------------------- runs as cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """What a run varies, read from its resolved config (recipe names are not needed)."""
+
+    pair: str
+    estimator: str
+    top_p: float
+    mask: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.estimator}, p={self.top_p:g}" + (", +mask" if self.mask else "")
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.estimator == "sampled_token" and self.top_p >= 1.0 and not self.mask
+
+    @property
+    def is_fix(self) -> bool:
+        return self.estimator == "topk_rkl" and self.top_p < 1.0 and self.mask
+
+
+def cell_of(run: Run) -> Cell:
+    return Cell(str(run.lookup("model.name")), str(run.lookup("estimator.name")),
+                float(run.lookup("sampling.top_p") or 1.0), bool(run.lookup("mask.enabled")))
+
+
+def by_cell(runs: list[Run]) -> dict[Cell, list[Run]]:
+    cells: dict[Cell, list[Run]] = defaultdict(list)
+    for run in runs:
+        cells[cell_of(run)].append(run)
+    return dict(sorted(cells.items(), key=lambda kv: (kv[0].pair, kv[0].estimator, kv[0].top_p, kv[0].mask)))
+
+
+def samples(run: Run, which: str) -> dict[str, np.ndarray] | None:
+    """The raw per-token samples of the first (``which="first"``) or last saved step, or None."""
+    return _samples(run.path, which)
+
+
+@lru_cache(maxsize=512)
+def _samples(path: Path, which: str) -> dict[str, np.ndarray] | None:
+    files = sorted((path / "diag").glob("samples_step*.npz"),
+                   key=lambda p: int(p.stem.removeprefix("samples_step")))
+    if not files:
+        return None
+    with np.load(files[0] if which == "first" else files[-1]) as data:
+        return {k: data[k] for k in data.files}
+
+
+def log_probs(s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(log q(y_t), log pi(y_t)) per token, float64; stored float32 probabilities floor at :data:`LOG_FLOOR`."""
+    def one(name: str) -> np.ndarray:
+        if f"{name}_logprob" in s:
+            return s[f"{name}_logprob"].astype(np.float64)
+        return np.log(np.maximum(s[f"{name}_prob"].astype(np.float64), np.finfo(np.float32).tiny))
+    return one("teacher"), one("student")
+
+
+def pair_tokenizer(run: Run):
+    """The run's (student) tokenizer without loading any model: the in-repo one for tiny pairs."""
+    if run.lookup("model.kind") == "tiny":
+        from opd_exp.tokenization import build_tokenizer
+
+        return build_tokenizer()
+    try:
+        from opd_exp.models import load_tokenizer
+
+        return load_tokenizer(run.lookup("model.tokenizer_path") or run.lookup("model.student_path"))
+    except Exception:  # a report must not need the checkpoints; ids are shown as numbers then
+        return None
+
+
+def special_token_ids(run: Run, tok) -> dict[str, int]:
+    """The pair's masking defaults (``model.special_tokens``) as {token string: id}."""
+    names = run.lookup("model.special_tokens") or []
+    vocab = tok.get_vocab() if tok is not None else {}
+    return {str(t): (t if isinstance(t, int) else vocab[t]) for t in names if isinstance(t, int) or t in vocab}
+
+
+def all_special_ids(tok, s: dict[str, np.ndarray]) -> np.ndarray:
+    """Ids treated as special when special tokens are left out (mode 2): the tokenizer's, else is_special."""
+    if tok is not None:
+        return np.asarray(tok.all_special_ids)
+    return np.unique(s["token_id"][s["is_special"]])
+
+
+def seed_stat(per_run: dict[Any, float]) -> Stat:
+    return mean_ci([v for v in per_run.values() if v is not None and math.isfinite(v)])
+
+
+def paired(a: dict[Any, float], b: dict[Any, float]) -> Stat:
+    """Mean and CI of a - b over the seeds both have."""
+    return mean_ci([a[s] - b[s] for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])])
+
+
+def fmt(s: Stat, digits: int = 3) -> str:
+    if s.n == 0:
+        return "n/a"
+    if s.n == 1:
+        return f"{s.mean:.{digits}f} (n=1, no CI)"
+    return f"{s.mean:.{digits}f} [{s.lo:.{digits}f}, {s.hi:.{digits}f}] (n={s.n})"
+
+
+@lru_cache(maxsize=512)
+def _metrics(path: Path) -> tuple[dict, ...]:
+    return tuple(rundir.read_metrics(path))
+
+
+def metric_at(run: Run, key: str, first: bool = False) -> float | None:
+    """``key`` at the first (or last) step that logged it, or None."""
+    rows = [r for r in _metrics(run.path) if r.get(key) is not None]
+    return None if not rows else float(rows[0 if first else -1][key])
+
+
+# ----------------------------------------------------------------------------- mode 1: the scatter
+
+
+def below_diagonal(s: dict[str, np.ndarray]) -> float:
+    """Share of sampled tokens whose teacher probability is below the student's (negative reward)."""
+    return float(np.mean(s["teacher_prob"] < s["student_prob"])) if len(s["token_id"]) else float("nan")
+
+
+def above_diagonal(s: dict[str, np.ndarray]) -> float:
+    """Share of sampled tokens whose teacher probability is above the student's (the rest are exact ties)."""
+    return float(np.mean(s["teacher_prob"] > s["student_prob"])) if len(s["token_id"]) else float("nan")
+
+
+def top_ids_share(s: dict[str, np.ndarray], n: int = 5) -> float:
+    """Share of the batch's positive reward carried by its ``n`` leading token ids (saved with the samples)."""
+    return float(np.sum(s["pos_signal_shares"][:n])) if "pos_signal_shares" in s else float("nan")
+
+
+def mode1(cells: dict[Cell, list[Run]], out: Path) -> tuple[list[dict], dict]:
+    rows, per = [], {}
+    for cell, runs in cells.items():
+        for which in ("first", "last"):
+            got = {r.seed: s for r in runs if (s := samples(r, which)) is not None and "teacher_prob" in s}
+            below = {k: below_diagonal(s) for k, s in got.items()}
+            above = {k: above_diagonal(s) for k, s in got.items()}
+            top5 = {k: top_ids_share(s) for k, s in got.items()}
+            per[(cell, which)] = below
+            rows.append({"pair": cell.pair, "cell": cell.label, "step": which, "below_diag": seed_stat(below),
+                         "above_diag": seed_stat(above), "top5_ids_pos_share": seed_stat(top5)})
+    scatter_figure(cells, out / "fig2_scatter.png")
+    return rows, per
+
+
+def scatter_figure(cells: dict[Cell, list[Run]], path: Path, max_points: int = 6000) -> bool:
+    base = [(c, rs) for c, rs in cells.items() if c.is_baseline]
+    if not base:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(base), figsize=(max(5.0, 3.6 * len(base)), 3.8), squeeze=False)
+    for ax, (cell, runs) in zip(axes[0], base, strict=True):
+        got = [s for r in runs if (s := samples(r, "first")) is not None and "teacher_prob" in s]
+        if not got:
+            continue
+        t = np.concatenate([s["teacher_prob"] for s in got])
+        p = np.concatenate([s["student_prob"] for s in got])
+        keep = np.random.default_rng(0).permutation(len(t))[:max_points]
+        ax.scatter(p[keep], t[keep], s=3, alpha=0.25, lw=0)
+        ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        ax.set_title(f"{cell.pair}: {np.mean(t < p):.0%} below the diagonal", fontsize=9)
+        ax.set_xlabel("student prob of sampled token")
+        ax.set_ylabel("teacher prob")
+    fig.suptitle("Fig. 2: sampled tokens at the first step\n(sampled-token OPD, top-p 1, all seeds)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- mode 2: gap by position, loops
+
+
+def gap_p10_by_bucket(s: dict[str, np.ndarray], special: np.ndarray) -> list[float]:
+    """p10 of log q - log pi over non-special tokens, per quarter of the responses (nan where empty)."""
+    log_q, log_p = log_probs(s)
+    gap = log_q - log_p
+    keep = ~np.isin(s["token_id"], special)
+    bucket = np.minimum((s["rel_pos"] * N_BUCKETS).astype(int), N_BUCKETS - 1)
+    return [float(np.percentile(gap[keep & (bucket == j)], 10)) if np.any(keep & (bucket == j)) else float("nan")
+            for j in range(N_BUCKETS)]
+
+
+def mode2(cells: dict[Cell, list[Run]], out: Path, tok) -> tuple[list[dict], dict]:
+    rows, widen = [], {}
+    for cell, runs in cells.items():
+        for which in ("first", "last"):
+            first = which == "first"
+            p10 = {r.seed: gap_p10_by_bucket(s, all_special_ids(tok, s)) for r in runs
+                   if (s := samples(r, which)) is not None and "teacher_prob" in s}
+            widen[(cell, which)] = {k: v[-1] - v[0] for k, v in p10.items()}
+            row = {"pair": cell.pair, "cell": cell.label, "step": which}
+            row |= {f"gap_p10_q{j + 1}": seed_stat({k: v[j] for k, v in p10.items()}) for j in range(N_BUCKETS)}
+            row["q4_minus_q1"] = seed_stat(widen[(cell, which)])
+            row["loop_frac"] = seed_stat({r.seed: metric_at(r, "diag/rep/loop_frac", first) for r in runs})
+            row["teacher_prob_in_loop"] = seed_stat({  # only runs whose batch had loop tokens
+                r.seed: metric_at(r, "diag/rep/teacher_prob_in_loop", first) for r in runs
+                if (metric_at(r, "diag/rep/loop_tokens", first) or 0) > 0})
+            rows.append(row)
+    gap_figure(cells, out / "fig4_gap_by_position.png", tok)
+    return rows, widen
+
+
+def gap_figure(cells: dict[Cell, list[Run]], path: Path, tok) -> bool:
+    """Box plots of the gap per position quarter, first vs last step, one panel per pair and estimator."""
+    panels = [(c, rs) for c, rs in cells.items()
+              if not c.mask and (c.is_baseline or (c.estimator == "topk_rkl" and c.top_p < 1.0))]
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 3.8 * len(panels)), 3.6), squeeze=False)
+    for ax, (cell, runs) in zip(axes[0], panels, strict=True):
+        for k, (which, color) in enumerate((("first", "tab:blue"), ("last", "tab:red"))):
+            data = []
+            for j in range(N_BUCKETS):
+                vals = []
+                for r in runs:
+                    s = samples(r, which)
+                    if s is None or "teacher_prob" not in s:
+                        continue
+                    log_q, log_p = log_probs(s)
+                    bucket = np.minimum((s["rel_pos"] * N_BUCKETS).astype(int), N_BUCKETS - 1)
+                    keep = (bucket == j) & ~np.isin(s["token_id"], all_special_ids(tok, s))
+                    vals.append((log_q - log_p)[keep])
+                data.append(np.concatenate(vals) if vals else np.array([]))
+            pos = [j * 3 + k for j in range(N_BUCKETS)]
+            bp = ax.boxplot([d if len(d) else [np.nan] for d in data], positions=pos, widths=0.8,
+                            whis=(10, 90), showfliers=False, patch_artist=True)
+            for patch in bp["boxes"]:
+                patch.set_facecolor(color)
+                patch.set_alpha(0.4)
+            ax.plot([], [], color=color, label=f"{which} step")
+        ax.set_xticks([j * 3 + 0.5 for j in range(N_BUCKETS)], [f"Q{j + 1}" for j in range(N_BUCKETS)])
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(f"{cell.pair}: {cell.label}", fontsize=8)
+        ax.set_xlabel("position quarter of the response")
+        ax.set_ylabel("log q - log pi (whiskers p10-p90)")
+        ax.legend(fontsize=7)
+    fig.suptitle("Fig. 4: teacher - student gap of the sampled token by position\n(special tokens left out; "
+                 "first vs last step)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def find_loop(cells: dict[Cell, list[Run]], max_period: int = 8, min_repeats: int = 3):
+    """The first saved response with a repetition loop (baseline cells first, last step before first):
+    (cell, seed, step, token ids, teacher probs, student probs, loop mask), or None. Only responses kept
+    whole by the samples' subsampling are searched."""
+    from opd_exp.diagnostics import repeat_loop_mask
+
+    order = sorted(cells.items(), key=lambda kv: not kv[0].is_baseline)
+    for which in ("last", "first"):
+        for cell, runs in order:
+            for run in runs:
+                s = samples(run, which)
+                if s is None or "teacher_prob" not in s:
+                    continue
+                for row in np.unique(s["row"]):
+                    idx = np.flatnonzero(s["row"] == row)
+                    idx = idx[np.argsort(s["abs_pos"][idx])]
+                    if not np.array_equal(s["abs_pos"][idx], np.arange(len(idx))):
+                        continue  # a subsampled response: gaps would fake or hide loops
+                    loop = repeat_loop_mask(s["token_id"][idx].astype(np.int64), max_period, min_repeats)
+                    if loop.any():
+                        return (cell, run.seed, which, s["token_id"][idx], s["teacher_prob"][idx],
+                                s["student_prob"][idx], loop)
+    return None
+
+
+def loop_figure(found, tok, path: Path) -> bool:
+    """Fig. 3: one looping response, the teacher's and the student's probability of each sampled token."""
+    if found is None:
+        return False
+    cell, seed, which, ids, q, p, loop = found
+    pieces = tok.convert_ids_to_tokens([int(i) for i in ids]) if tok is not None else [str(i) for i in ids]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(ids)), 3.2))
+    xs = np.arange(len(ids))
+    for x in xs[loop]:
+        ax.axvspan(x - 0.5, x + 0.5, color="0.9", lw=0)
+    ax.plot(xs, q, "o-", ms=3, label="teacher q(y_t)")
+    ax.plot(xs, p, "s-", ms=3, alpha=0.7, label="student pi(y_t)")
+    ax.set_xticks(xs, pieces, rotation=90, fontsize=6)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"Fig. 3: a repetition loop (grey) in {cell.pair}, {cell.label}, seed {seed}, {which} step",
+                 fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- mode 3: the mismatch table
+
+
+def token_logprobs(s: dict[str, np.ndarray], token_id: int) -> tuple[float, float, int]:
+    """Mean (student, teacher) log-prob over the occurrences of ``token_id`` and their count."""
+    log_q, log_p = log_probs(s)
+    hit = s["token_id"] == token_id
+    if not hit.any():
+        return float("nan"), float("nan"), 0
+    return float(log_p[hit].mean()), float(log_q[hit].mean()), int(hit.sum())
+
+
+def mode3(cells: dict[Cell, list[Run]], tok) -> tuple[list[dict], dict]:
+    """Per cell, step and special token: the student's and the teacher's mean log-prob (mean over seeds) and
+    the teacher - student gap; ``gaps[(cell, step)]`` = per seed, the gap averaged over the special tokens."""
+    rows, gaps = [], {}
+    for cell, runs in cells.items():
+        specials = special_token_ids(runs[0], tok)
+        for which in ("first", "last"):
+            got = {r.seed: s for r in runs if (s := samples(r, which)) is not None and "teacher_prob" in s}
+            per_seed_gap: dict[Any, list[float]] = defaultdict(list)
+            for name, tid in specials.items():
+                vals = {k: token_logprobs(s, tid) for k, s in got.items()}
+                student = {k: v[0] for k, v in vals.items() if v[2]}
+                teacher = {k: v[1] for k, v in vals.items() if v[2]}
+                for k in student:
+                    per_seed_gap[k].append(teacher[k] - student[k])
+                rows.append({"pair": cell.pair, "cell": cell.label, "step": which, "token": name,
+                             "student_logprob": seed_stat(student), "teacher_logprob": seed_stat(teacher),
+                             "gap": paired(teacher, student), "count": sum(v[2] for v in vals.values())})
+            gaps[(cell, which)] = {k: float(np.mean(v)) for k, v in per_seed_gap.items()}
+    return rows, gaps
+
+
+# ----------------------------------------------------------------------------- training dynamics
+
+
+def dynamics(cells: dict[Cell, list[Run]], out: Path) -> list[dict]:
+    """Curves per pair (one figure each): a panel per key, a line per cell (mean over seeds, CI band)."""
+    from opd_exp.report import curve_stats
+
+    rows = []
+    pairs = sorted({c.pair for c in cells})
+    for pair in pairs:
+        mine = {c: rs for c, rs in cells.items() if c.pair == pair}
+        data = {k: [(c, *curve_stats(rs, k)) for c, rs in mine.items()] for k in DYNAMICS}
+        data = {k: [d for d in v if d[1]] for k, v in data.items() if any(d[1] for d in v)}
+        for key, lines in data.items():
+            for cell, steps, stats in lines:
+                rows.append({"pair": pair, "cell": cell.label, "key": key, "first_step": steps[0],
+                             "first": stats[0], "last_step": steps[-1], "last": stats[-1]})
+        if data:
+            dynamics_figure(pair, data, out / f"dynamics_{pair}.png")
+    return rows
+
+
+def dynamics_figure(pair: str, data: dict, path: Path) -> None:
+    plt = _pyplot()
+    n_cols = min(3, len(data))
+    n_rows = math.ceil(len(data) / n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.4 * n_cols, 2.8 * n_rows + 0.4), squeeze=False)
+    for ax in axes.flat[len(data):]:
+        ax.set_visible(False)
+    colors = {}
+    for ax, (key, lines) in zip(axes.flat, data.items(), strict=False):
+        for cell, steps, stats in lines:
+            base = f"{cell.estimator}, p={cell.top_p:g}"
+            colors.setdefault(base, f"C{len(colors)}")
+            ax.plot(steps, [s.mean for s in stats], color=colors[base], ls="--" if cell.mask else "-", lw=1.1,
+                    label=cell.label)
+            ax.fill_between(steps, [s.lo for s in stats], [s.hi for s in stats], color=colors[base], alpha=0.15,
+                            lw=0)
+        ax.set_title(key, fontsize=8)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"training dynamics, {pair} (mean over seeds, 95% CI band; dashed = masked)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- tables and verdicts
+
+
+def write_table(rows: list[dict], stem: str, out: Path, title: str) -> list[str]:
+    """rows -> <stem>.csv (Stat columns as mean, ci_lo, ci_hi, n) and a Markdown table (returned)."""
+    import pandas as pd
+
+    if not rows:
+        return [f"### {title}", "", "No data.", ""]
+    flat = []
+    for row in rows:
+        item = {}
+        for k, v in row.items():
+            if isinstance(v, Stat):
+                item |= {k: v.mean, f"{k}_ci_lo": v.lo, f"{k}_ci_hi": v.hi, f"{k}_n": v.n}
+            else:
+                item[k] = v
+        flat.append(item)
+    pd.DataFrame(flat).to_csv(out / f"{stem}.csv", index=False)
+    keys = list(rows[0])
+    lines = [f"### {title}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(v, 2) if isinstance(v, Stat) else str(v) for v in row.values()) + " |")
+    return lines + ["", f"CSV: [{stem}.csv]({stem}.csv). Values: mean [95% CI] (n seeds).", ""]
+
+
+def pick(per: dict, pair: str, want, which: str) -> dict:
+    """The per-seed values of the first cell of ``pair`` matching ``want(cell)`` at ``which`` step."""
+    return next((v for (c, w), v in per.items() if c.pair == pair and w == which and want(c)), {})
+
+
+def decide(s: Stat, passes: bool) -> str:
+    """The verdict word: a test needs at least two seeds for an interval."""
+    if s.n < 2:
+        return "UNDETERMINED (fewer than 2 seeds)"
+    return "REPRODUCES" if passes else "does NOT reproduce"
+
+
+def truncation(cells: dict[Cell, list[Run]]) -> dict[Cell, dict]:
+    """Per cell, per seed: the share of responses that hit the length cap at the last step (a student that
+    stopped writing its end token, the visible harm of mode 3)."""
+    return {c: {r.seed: metric_at(r, "diag/len/truncated_frac") for r in rs if
+                metric_at(r, "diag/len/truncated_frac") is not None} for c, rs in cells.items()}
+
+
+def mask_effect_lines(pair: str, cells: dict[Cell, list[Run]], trunc: dict[Cell, dict]) -> list[str]:
+    """Per estimator and top-p of ``pair``: last-step truncation without vs with the mask, paired by seed, and
+    the masked cell against the same cell on every other pair (the control)."""
+    out = []
+    for cell in [c for c in cells if c.pair == pair and c.mask]:
+        off = Cell(pair, cell.estimator, cell.top_p, False)
+        if off not in trunc:
+            continue
+        on_s, off_s, effect = seed_stat(trunc[cell]), seed_stat(trunc[off]), paired(trunc[off], trunc[cell])
+        controls = [(c.pair, seed_stat(v)) for c, v in trunc.items() if c.pair != pair and c.mask and
+                    (c.estimator, c.top_p) == (cell.estimator, cell.top_p)]
+        helps = effect.n > 1 and effect.lo > 0
+        residual = any(ctrl.n > 1 and on_s.n > 1 and on_s.lo > ctrl.hi for _, ctrl in controls)
+        word = ("removes it" if helps and not residual else "reduces it" if helps else
+                "shows no significant effect")
+        ctrl_text = "; ".join(f"{name} with mask {fmt(st)}" for name, st in controls)
+        out.append(f"  - {cell.estimator}, p={cell.top_p:g}: truncated share at the last step {fmt(off_s)} "
+                   f"without the mask, {fmt(on_s)} with it (paired without - with: {fmt(effect)}); "
+                   f"{ctrl_text or 'no control pair'}: masking {word}.")
+    return out
+
+
+def verdict_lines(pairs: list[str], cells: dict[Cell, list[Run]], m1: dict, m2: dict, m3: dict,
+                  m2_rows: list[dict]) -> list[str]:
+    """One plain paragraph per failure mode and pair, by the rules in the module docstring."""
+    fix = lambda c: c.is_fix  # noqa: E731
+    base = lambda c: c.is_baseline  # noqa: E731
+    trunc = truncation(cells)
+    lines = ["## Verdicts", "", "Rules (fixed in opd_exp/failure_report.py before the runs were read): mean over "
+             "seeds [95% t-interval] (n seeds); \"fix\" = topk_rkl on top-p 0.9 rollouts with special-token "
+             "masking; differences are paired by seed.", ""]
+    for pair in pairs:
+        s = seed_stat(pick(m1, pair, base, "first"))
+        lines.append(f"- **Mode 1, imbalanced one-token signal ({pair})**: {decide(s, s.lo > 0.5)}. At the first "
+                     f"step {fmt(s)} of the sampled tokens lie below the diagonal (teacher prob < student prob: "
+                     "a negative reward; the rule needs a CI above 0.5; the table gives the share above, the "
+                     "rest are exact ties). At the last step: baseline "
+                     f"{fmt(seed_stat(pick(m1, pair, base, 'last')))}, fix "
+                     f"{fmt(seed_stat(pick(m1, pair, fix, 'last')))}. The fix does not train on the one-token "
+                     "reward (its loss is a KL over the teacher's top-K), so it removes this signal by "
+                     "construction; these shares only say how balanced that reward is on its rollouts.")
+        b, f = pick(m2, pair, base, "last"), pick(m2, pair, fix, "last")
+        sb, sf = seed_stat(b), seed_stat(f)
+        loop_row = next((r for r in m2_rows if r["pair"] == pair and r["step"] == "last" and
+                         r["cell"] == next((c.label for c in cells if c.pair == pair and c.is_baseline), None)),
+                        None)
+        loops = (f" Loops: {fmt(loop_row['loop_frac'])} of the baseline's last-step responses; the teacher's "
+                 f"mean prob on loop tokens {fmt(loop_row['teacher_prob_in_loop'], 2)} (the paper: 0.9-1.0, i.e. "
+                 "no penalty)." if loop_row else "")
+        removed = ("" if not (sb.n > 1 and sb.hi < 0) else
+                   f" The fix {'removes' if not (sf.n > 1 and sf.hi < 0) else 'does NOT remove'} it (paired fix "
+                   f"- baseline {fmt(paired(f, b))}).")
+        lines.append(f"- **Mode 2, unreliable guidance on student prefixes ({pair})**: {decide(sb, sb.hi < 0)}. "
+                     "At the last step, p10 of the teacher - student gap in the last quarter of the responses "
+                     f"minus the first quarter (special tokens left out) is {fmt(sb)} nats for the baseline (the "
+                     f"rule needs a CI below 0) and {fmt(sf)} for the fix.{removed}{loops}")
+        s3 = seed_stat(pick(m3, pair, base, "first"))
+        verdict = decide(s3, s3.hi < -MISMATCH_NATS)
+        text = (f"- **Mode 3, special-token mismatch ({pair})**: {verdict}. At the first step the teacher - "
+                f"student log-prob gap on the pair's special tokens is {fmt(s3, 2)} nats (the rule needs a CI "
+                f"below -{MISMATCH_NATS:g}).")
+        if verdict.startswith("does NOT"):
+            lines.append(text + " Nothing for the mask to remove on this pair.")
+            continue
+        lines.append(text + " Masking leaves what the teacher says unchanged and takes these tokens out of "
+                     "every loss term. Its effect, measured by the share of last-step responses that hit the "
+                     "length cap (a student that no longer writes its own end token), against the same masked "
+                     "cell on the other pair(s) as the control:")
+        lines += mask_effect_lines(pair, cells, trunc)
+    return lines + [""]
+
+
+def write_failure_report(runs: list[Run], out: Path) -> list[str]:
+    """Figures and CSV tables into ``out``; returns the Markdown (verdicts, figures, tables) for README.md."""
+    out.mkdir(parents=True, exist_ok=True)
+    _samples.cache_clear()  # run dirs may have grown since an earlier report in this process
+    _metrics.cache_clear()
+    usable = [r for r in runs if r.usable]
+    cells = by_cell(usable)
+    if not cells:
+        return ["## Failure modes", "", "No finished run yet.", ""]
+    tok = pair_tokenizer(usable[0])
+    rows1, m1 = mode1(cells, out)
+    rows2, m2 = mode2(cells, out, tok)
+    rows3, m3 = mode3(cells, tok)
+    found = find_loop(cells)
+    has_loop_fig = loop_figure(found, tok, out / "fig3_loop_example.png")
+    rows4 = dynamics(cells, out)
+    pairs = sorted({c.pair for c in cells})
+    seeds = sorted({r.seed for r in usable}, key=str)
+    wall = sum(float(r.summary.get("wall_time_s") or 0.0) for r in runs)
+    md = ["## Failure modes at this scale", "",
+          "- command: `opd-exp experiment=failure_modes` then `opd-exp-report multirun/failure_modes`",
+          f"- seeds: {', '.join(map(str, seeds))}; {len(usable)} finished runs in {len(cells)} cells",
+          f"- wall time: {wall / 60:.1f} min summed over runs ({wall / max(len(runs), 1):.0f} s per run)", ""]
+    md += verdict_lines(pairs, cells, m1, m2, m3, rows2)
+    md += ["## Figures", "", "![Fig. 2](fig2_scatter.png)", "", "![Fig. 4](fig4_gap_by_position.png)", ""]
+    if has_loop_fig:
+        cell, seed, which = found[:3]
+        md += [f"![Fig. 3](fig3_loop_example.png) A loop from {cell.pair}, {cell.label}, seed {seed}, {which} "
+               f"step; mean teacher prob on its loop tokens: {float(np.mean(found[4][found[6]])):.2f}.", ""]
+    else:
+        md += ["Fig. 3: no repetition loop (a unit of <= 8 tokens repeated >= 3 times back to back) occurred in "
+               "any saved response (first and last step of every run), so there is no loop example.", ""]
+    md += [f"![dynamics](dynamics_{p}.png)" for p in pairs] + [""]
+    md += write_table(rows1, "mode1_signal", out, "Mode 1: share of sampled tokens below the diagonal")
+    md += write_table(rows2, "mode2_gap_by_position", out,
+                      "Mode 2: p10 of log q - log pi per position quarter (nats), loop rates")
+    md += write_table(rows3, "mode3_special_tokens", out,
+                      f"Mode 3 (Fig. 5): log-probs on the special tokens (floor {LOG_FLOOR:.1f}: float32 probs)")
+    md += write_table(rows4, "dynamics", out, "Training dynamics: first and last logged value")
+    return md
