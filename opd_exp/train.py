@@ -8,11 +8,15 @@
         log train/ and diag/ metrics; evaluate every eval_every steps; checkpoint every checkpoint_every
 
 The loop never branches on the estimator's name. A run resumes bit-exactly from its last checkpoint; SIGTERM
-checkpoints and exits with status "interrupted"; non-finite losses or gradients skip the update.
+checkpoints and exits with status "interrupted"; non-finite losses or gradients skip the update. Under torchrun the
+loop runs data-parallel: prompts sharded across ranks, gradients averaged, rank 0 writing (opd_exp/distributed.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import random
 import signal
@@ -24,14 +28,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from opd_exp import checkpoint, distributed
+from opd_exp import checkpoint, distributed, rundir
 from opd_exp.audit import audit_tokenizers, check_pair_compatible
 from opd_exp.config import RunConfig
 from opd_exp.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
 from opd_exp.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
 from opd_exp.evaluate import evaluate_model
 from opd_exp.masks import special_token_mask_BT
-from opd_exp.models import ModelPair, load_pair
+from opd_exp.models import ModelPair, load_pair, pair_paths
 from opd_exp.rollout import Rollout, completion_logits, rollout, stop_ids
 from opd_exp.scoring import score_student_old, score_teacher
 from opd_exp.tasks.math import MathTask
@@ -243,8 +247,27 @@ class _StopFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _before_cache_file(cfg: RunConfig) -> Path:
+    """Where the pair's before-training evaluation is cached: keyed by the two checkpoints (path and the
+    newest file time in each), the task and the eval settings, so every run of a sweep on one pair shares it."""
+    teacher_dir, student_dir, _ = pair_paths(cfg.model, cfg.task)
+    stamp = {str(d.resolve()): max((f.stat().st_mtime_ns for f in d.rglob("*") if f.is_file()), default=0)
+             for d in (teacher_dir, student_dir)}
+    blob = json.dumps({"pair": stamp, "task": dataclasses.asdict(cfg.task), "eval": dataclasses.asdict(cfg.eval)},
+                      sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return Path(cfg.model.cache_dir).expanduser() / "evals" / f"before-{key}.json"
+
+
 def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dict[str, float]:
-    """Teacher and student-before results, with a fixed eval seed so every run of a sweep sees the same."""
+    """Teacher and student-before results, with a fixed eval seed so every run of a sweep sees the same;
+    computed once per (pair, task, eval settings) and cached beside the pair."""
+    cache = _before_cache_file(cfg)
+    if cache.is_file():
+        try:
+            return rundir.read_json(cache)
+        except (OSError, json.JSONDecodeError):
+            pass  # unreadable: recompute and rewrite it
     results = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.task.data_seed)
@@ -253,6 +276,7 @@ def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dic
                         evaluate_model(pair.teacher, pair.tokenizer, task, cfg.eval, task.eval_splits).items()}
         results |= {f"student_before/{k}": v for k, v in
                     evaluate_model(pair.student, pair.tokenizer, task, cfg.eval, task.eval_splits).items()}
+    rundir.atomic_write_json(cache, results)
     return results
 
 
@@ -285,7 +309,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     distributed.init()
     check_against_world(cfg, distributed.world_size())
     seed_everything(cfg.seed + 100003 * distributed.rank())  # each rank samples its own rollouts
-    device = pick_device(cfg.device)
+    device = distributed.local_device(pick_device(cfg.device))
     with _StopFlag() as stop:  # from the start: a SIGTERM while loading is honoured after the first step
         task = MathTask(cfg.task)
         pair = load_pair(cfg.model, cfg.task, device)
