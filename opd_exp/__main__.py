@@ -6,6 +6,8 @@ Usage:
     opd-exp -m estimator=sampled_token,topk_rkl seed=0,1
     opd-exp experiment=toy_gamma                    # an experiment file from conf/experiment/
     python -m opd_exp --help                        # config groups and every key
+    torchrun --standalone --nproc_per_node 2 -m opd_exp threads=1 hydra.run.dir=outputs/ddp
+                                                    # one run, data-parallel over 2 processes (opd_exp/distributed.py)
 
 Each run writes config.yaml, metrics.jsonl and run_summary.json into its Hydra output dir; a finished run dir is
 skipped unless overwrite=true (which clears it and trains from scratch); an unfinished one (killed, pre-empted,
@@ -133,13 +135,15 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
 # Every rank runs this entrypoint; rank 0 runs execute() as a single process would, the others follow() it.
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+def _ranks() -> tuple[int, int]:
+    """(this process's rank, the number of processes) from torchrun's env vars; (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _tell_other_ranks(decision: str) -> None:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from opd_exp import distributed
+    """Rank 0 tells the others (follow()) whether it runs the run dir or skips it."""
+    if _ranks()[1] > 1:
+        from opd_exp import distributed  # imports torch: only once a bad config had its chance to fail fast
 
         distributed.broadcast(decision)
 
@@ -159,23 +163,24 @@ def follow(cfg_node: DictConfig, run_dir: Path) -> None:
 def check_torchrun_args(argv: list[str]) -> list[str]:
     """Under torchrun every rank must write to one run dir (the default dir holds each rank's own timestamp);
     ranks > 0 write no Hydra files there."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    rank, world = _ranks()
+    if world == 1:
         return argv
     if not any(a.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for a in argv):
         raise ConfigError("hydra.run.dir", "not set; required under torchrun (WORLD_SIZE > 1) so that every "
                           "rank writes to the same run dir, e.g. hydra.run.dir=outputs/ddp")
-    return argv + (["hydra.output_subdir=null", "hydra/job_logging=disabled"] if _rank() > 0 else [])
+    return argv + (["hydra.output_subdir=null", "hydra/job_logging=disabled"] if rank > 0 else [])
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if _ranks()[1] > 1:
         from opd_exp import distributed
 
         distributed.init()
-        if _rank() > 0:
+        if _ranks()[0] > 0:
             return follow(cfg, run_dir)
     execute(cfg, run_dir, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
 

@@ -33,15 +33,21 @@ def is_main() -> bool:
 
 
 def init() -> None:
-    """Join the process group from torchrun's env vars (once; a no-op for a single process)."""
+    """Join the process group from torchrun's env vars (once; a no-op for a single process). Objects and flags go
+    over gloo; on a CUDA machine CUDA tensors go over NCCL, set up lazily (a CPU run there never touches it)."""
     if world_size() == 1 or dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" then means this rank's GPU
-        dist.init_process_group("cpu:gloo,cuda:nccl")  # objects and flags over gloo, gradients over NCCL
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     atexit.register(dist.destroy_process_group)
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This rank's GPU (torchrun's LOCAL_RANK) when the run trains on CUDA; else ``device``."""
+    if device.type != "cuda" or world_size() == 1:
+        return device
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
 
 
 def shard(items: list) -> list:

@@ -32,6 +32,9 @@ CONF = REPO / "conf"
 # that costs time is pinned, so that changes to the defaults in conf/model/tiny.yaml keep this fast.
 SMOKE_EXPERIMENT = """\
 # @package _global_
+# the baseline's estimator, so that tests can poison ESTIMATORS["sampled_token"]; `estimator=` still overrides it
+defaults:
+  - override /estimator: sampled_token
 experiment: smoke
 device: cpu
 threads: 1

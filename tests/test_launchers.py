@@ -40,18 +40,22 @@ def reports(smoke, tmp_path_factory) -> dict[str, tuple]:
     return out
 
 
-def cell_results(sweep_dir) -> dict[str, dict]:
-    """Cell (its override dir name) -> status and results of its run_summary.json."""
-    summaries = {p.parent.name: rundir.read_summary(p.parent) for p in sweep_dir.glob("*/run_summary.json")}
-    return {cell: {"status": s["status"], "results": s["results"]} for cell, s in summaries.items()}
+def cell_results(smoke, sweep_dir) -> dict[str, dict]:
+    """Cell (its override dir name) -> status and results of its run_summary.json, and its training curves (the
+    smoke pair scores ~0 on the task: the curves are what tells two runs apart)."""
+    cells = [p.parent for p in sweep_dir.glob("*/run_summary.json")]
+    return {cell.name: {"status": rundir.read_summary(cell)["status"], "results": rundir.read_summary(cell)["results"],
+                        "metrics": smoke.metrics(cell)} for cell in cells}
 
 
 @pytest.mark.parametrize("launcher", ["joblib", "submitit_local"])
-def test_launcher_gives_the_basic_launchers_report(reports, launcher):
+def test_launcher_gives_the_basic_launchers_report(smoke, reports, launcher):
     (basic_sweep, basic_report), (sweep, out) = reports["basic"], reports[launcher]
-    cells = cell_results(sweep)
-    assert sorted(cells) == ["estimator=full_rkl", "estimator=sampled_token"]
-    assert all(c["status"] == "completed" for c in cells.values())
-    assert cells == cell_results(basic_sweep)
+    cells = cell_results(smoke, sweep)
+    assert len(cells) == 2 and all(cell.startswith("estimator=") for cell in cells), sorted(cells)
+    assert all(c["status"] == "completed" and len(c["metrics"]) == 3 for c in cells.values())
+    assert cells == cell_results(smoke, basic_sweep)
     for table in ("tables.csv", "cells.csv"):  # runs.csv and README.md hold paths and wall times
-        pd.testing.assert_frame_equal(pd.read_csv(out / table), pd.read_csv(basic_report / table))
+        expected = pd.read_csv(basic_report / table)
+        assert len(expected) > 0
+        pd.testing.assert_frame_equal(pd.read_csv(out / table), expected)
