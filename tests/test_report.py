@@ -328,6 +328,7 @@ def smoke_overrides(smoke) -> list[str]:
     runs share its bootstrapped pair while naming a paper experiment; the loop is cut to 2 steps."""
     node = yaml.safe_load((smoke.conf_dir / "experiment" / "smoke.yaml").read_text())
     node.pop("experiment", None)
+    node.pop("defaults", None)  # group choices: each test picks its own
     node["train"].update(steps=2, checkpoint_every=0, diag_every=0)
     out = [f"++model.bootstrap={hydra_literal(node['model'].pop('bootstrap'))}"]
     for group, value in node.items():
