@@ -23,7 +23,8 @@ from opd_exp.report import report_spec
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted({p.parent.relative_to(CONF).parts[0] for p in CONF.glob("*/**/*.yaml")} - {"hydra", "experiment"})
-PAPER_EXPERIMENTS = ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "lr_tune", "failure_modes"]
+PAPER_EXPERIMENTS = ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "lr_tune",
+                     "failure_modes"]
 
 
 def options(group: str) -> list[str]:

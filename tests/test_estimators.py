@@ -207,7 +207,7 @@ def test_topk_rejects_incoherent_switches():
 
 
 def test_needs():
-    needs = {name: ESTIMATORS[name].needs(EstimatorConfig(name=name)) for name in ESTIMATORS}
+    needs = {name: ESTIMATORS[name].needs(EstimatorConfig(name=name, top_k=32)) for name in ESTIMATORS}
     assert needs["sampled_token"].teacher_sampled and not needs["sampled_token"].teacher_full
     assert needs["full_rkl"].teacher_full and needs["jsd"].teacher_full and needs["forward_kl"].teacher_full
     assert needs["topk_rkl"].teacher_topk == 32 and not needs["topk_rkl"].teacher_sampled
