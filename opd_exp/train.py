@@ -76,11 +76,12 @@ def check_against_world(cfg: RunConfig, world: int) -> None:
 def prompts_for_step(n_pool: int, seed: int, step: int, n: int) -> list[int]:
     """Indices of step ``step``'s prompts: epochs over a seeded permutation of the pool (pure function, so the
     data position needs no state beyond the step)."""
-    out = []
+    out, perms = [], {}
     for pos in range(step * n, (step + 1) * n):
         epoch, offset = divmod(pos, n_pool)
-        perm = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-        out.append(int(perm[offset]))
+        if epoch not in perms:  # one permutation per epoch the step touches (usually one)
+            perms[epoch] = torch.randperm(n_pool, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(int(perms[epoch][offset]))
     return out
 
 
