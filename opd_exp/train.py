@@ -34,7 +34,7 @@ from opd_exp.config import RunConfig
 from opd_exp.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
 from opd_exp.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
 from opd_exp.evaluate import evaluate_model
-from opd_exp.masks import special_token_mask_BT
+from opd_exp.masks import entropy_top_q_mask, special_token_mask_BT
 from opd_exp.models import ModelPair, load_pair, pair_paths
 from opd_exp.rollout import Rollout, completion_logits, rollout, stop_ids
 from opd_exp.scoring import score_student_old, score_teacher
@@ -105,8 +105,6 @@ def loss_mask(ro: Rollout, cfg: RunConfig, special_ids: list[int], entropy_BT: t
     if cfg.mask.enabled and special_ids:
         mask &= ~special_token_mask_BT(ro.completion_ids_BT, ro.completion_mask_BT, special_ids, cfg.mask.mode)
     if cfg.estimator.entropy_top_q < 1.0:
-        from opd_exp.masks import entropy_top_q_mask
-
         mask &= entropy_top_q_mask(entropy_BT, mask, cfg.estimator.entropy_top_q)
     return mask
 
