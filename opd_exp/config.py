@@ -59,6 +59,9 @@ class TaskConfig:
     n_eval: int = spec(200, "prompts per eval split", ge=1)
     eval_splits: dict = spec(default_factory=dict, doc="name -> overrides of min_ops/max_ops/max_operand")
     dataset_path: str | None = spec(None, "optional JSONL of {question, answer} rows instead of generated data")
+    eval_set: str = spec("report", "report = the eval splits of the tables; tune = disjoint splits of the same "
+                         "shape drawn after the train pool, for hyper-parameter tuning (generated data only)",
+                         choices=["report", "tune"])
 
 
 @dataclass

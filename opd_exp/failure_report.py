@@ -8,7 +8,7 @@ run_summary.json, metrics.jsonl (``diag/...`` keys every ``train.diag_every`` st
 samples ``diag/samples_step{0,last}.npz`` (opd_exp/diagnostics.py).
 
 Cells are (pair, estimator, rollout top-p, mask), read from each run's resolved config; seeds are the
-replicates. Every number is a mean over seeds with a 95% t-interval (opd_exp.report.mean_ci); comparisons
+replicates. Every number is a mean over seeds with a 95% t-interval (opd_exp.stats.mean_ci); comparisons
 between cells pair runs by seed. A verdict needs two seeds or more (else UNDETERMINED). The rules are fixed
 here, before any run was read, and never tuned to the outcome:
 
@@ -38,7 +38,9 @@ from typing import Any
 import numpy as np
 
 from opd_exp import rundir
-from opd_exp.report import Run, Stat, _pyplot, mean_ci
+from opd_exp.report_figures import curve_stats, pyplot
+from opd_exp.runs import Run
+from opd_exp.stats import Stat, mean_ci
 
 MISMATCH_NATS = 5.0  # a special-token gap beyond this is a convention mismatch (audit.format_side_by_side flags it)
 N_BUCKETS = 4  # relative-position buckets (quarters of each response), as the diagnostics log them
@@ -201,7 +203,7 @@ def scatter_figure(cells: dict[Cell, list[Run]], path: Path, max_points: int = 6
     base = [(c, rs) for c, rs in cells.items() if c.is_baseline]
     if not base:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(base), figsize=(max(5.0, 3.6 * len(base)), 3.8), squeeze=False)
     for ax, (cell, runs) in zip(axes[0], base, strict=True):
         got = [s for r in runs if (s := samples(r, "first")) is not None and "teacher_prob" in s]
@@ -261,7 +263,7 @@ def gap_figure(cells: dict[Cell, list[Run]], path: Path, tok) -> bool:
               if not c.mask and (c.is_baseline or (c.estimator == "topk_rkl" and c.top_p < 1.0))]
     if not panels:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(max(5.5, 3.8 * len(panels)), 3.6), squeeze=False)
     for ax, (cell, runs) in zip(axes[0], panels, strict=True):
         for k, (which, color) in enumerate((("first", "tab:blue"), ("last", "tab:red"))):
@@ -329,7 +331,7 @@ def loop_figure(found, tok, path: Path) -> bool:
         return False
     cell, seed, which, ids, q, p, loop = found
     pieces = tok.convert_ids_to_tokens([int(i) for i in ids]) if tok is not None else [str(i) for i in ids]
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(ids)), 3.2))
     xs = np.arange(len(ids))
     for x in xs[loop]:
@@ -386,7 +388,6 @@ def mode3(cells: dict[Cell, list[Run]], tok) -> tuple[list[dict], dict]:
 
 def dynamics(cells: dict[Cell, list[Run]], out: Path) -> list[dict]:
     """Curves per pair (one figure each): a panel per key, a line per cell (mean over seeds, CI band)."""
-    from opd_exp.report import curve_stats
 
     rows = []
     pairs = sorted({c.pair for c in cells})
@@ -404,7 +405,7 @@ def dynamics(cells: dict[Cell, list[Run]], out: Path) -> list[dict]:
 
 
 def dynamics_figure(pair: str, data: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     n_cols = min(3, len(data))
     n_rows = math.ceil(len(data) / n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.4 * n_cols, 2.8 * n_rows + 0.4), squeeze=False)

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import glob
 import math
 import sys
 import traceback
@@ -62,207 +61,28 @@ from typing import Any
 
 import yaml
 
-from opd_exp import rundir
+from opd_exp.claims import WHO, ClaimSpec, claims_frame, claims_markdown, evaluate_claim
+from opd_exp.report_figures import bar_figure, curve_figure, x_figure
+from opd_exp.runs import (
+    FINISHED,
+    Run,
+    cell_label,
+    find_run_dirs,
+    group_cells,
+    load_run,
+    parse_value,
+    same_value,
+    varying_keys,
+)
+from opd_exp.stats import Stat, mean_ci
 from opd_exp.validation import ConfigError, spec, validate
 
-FINISHED = rundir.FINISHED
 TOY_RUNNERS = ("toy_gamma", "toy_exact")
 FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.failure_report (figures and verdicts)
-NOT_CELL_KEYS = {"seed", "experiment", "overwrite", "device", "threads", "wandb.enabled", "wandb.mode"}
-WHO = ("teacher", "student_before", "student_after")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CURVES = ["train/loss", "train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy"]
 CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom); "
            "n = 1 has no interval (nan in the CSV).")
-
-
-# ----------------------------------------------------------------------------- statistics
-
-def t_two_sided_mass(t: float, dof: int) -> float:
-    """P(|T| < t) for Student's t with integer ``dof`` (closed form, Abramowitz & Stegun 26.7.3-4)."""
-    theta = math.atan(t / math.sqrt(dof))
-    c2, s = math.cos(theta) ** 2, math.sin(theta)
-    if dof % 2 == 1:
-        total, term = (0.0, 0.0) if dof == 1 else (1.0, 1.0)  # cos + 2/3 cos^3 + (2*4)/(3*5) cos^5 ...
-        for j in range(1, (dof - 1) // 2):
-            term *= c2 * (2 * j) / (2 * j + 1)
-            total += term
-        return 2 / math.pi * (theta + s * math.cos(theta) * total)
-    total = term = 1.0  # 1 + 1/2 cos^2 + (1*3)/(2*4) cos^4 ...
-    for j in range(1, dof // 2):
-        term *= c2 * (2 * j - 1) / (2 * j)
-        total += term
-    return s * total
-
-
-def t_quantile(prob: float, dof: int) -> float:
-    """The ``prob`` quantile (prob > 0.5) of Student's t with ``dof`` degrees of freedom, by bisection."""
-    target = 2 * prob - 1  # P(|T| < q)
-    lo, hi = 0.0, 1.0
-    while t_two_sided_mass(hi, dof) < target:
-        hi *= 2
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_two_sided_mass(mid, dof) < target else (lo, mid)
-    return (lo + hi) / 2
-
-
-@dataclass
-class Stat:
-    """Mean over seeds with a two-sided t-interval; lo/hi are NaN when n < 2."""
-
-    mean: float
-    lo: float
-    hi: float
-    n: int
-
-
-def mean_ci(values: list[float], level: float = 0.95) -> Stat:
-    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    n = len(vals)
-    if n == 0:
-        return Stat(math.nan, math.nan, math.nan, 0)
-    mean = sum(vals) / n
-    if n == 1:
-        return Stat(mean, math.nan, math.nan, 1)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (n - 1))
-    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return Stat(mean, mean - half, mean + half, n)
-
-
-# ----------------------------------------------------------------------------- reading run dirs
-
-def parse_value(text: Any) -> Any:
-    """An override's value as Hydra would type it: bool, null, int, float or the string itself."""
-    if not isinstance(text, str):
-        return text
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("null", "none"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def same_value(a: Any, b: Any) -> bool:
-    a, b = parse_value(a), parse_value(b)
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a is b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
-    return a == b
-
-
-@dataclass
-class Run:
-    """One run dir as the report sees it."""
-
-    path: Path
-    summary: dict
-    config: dict
-    overrides: dict[str, Any]
-    override_list: list[str]
-
-    @property
-    def status(self) -> str:
-        return self.summary.get("status", "unfinished (no run_summary.json)")
-
-    @property
-    def usable(self) -> bool:
-        return self.status in FINISHED and bool(self.summary.get("results"))
-
-    @property
-    def results(self) -> dict:
-        return self.summary.get("results") or {}
-
-    @property
-    def seed(self) -> Any:
-        return first_set(self.summary.get("seed"), self.config.get("seed"), self.overrides.get("seed"))
-
-    @property
-    def experiment(self) -> str:
-        return str(first_set(self.summary.get("experiment"), self.config.get("experiment"),
-                             self.overrides.get("experiment"), "default"))
-
-    @property
-    def runner(self) -> str:
-        return str(first_set(self.summary.get("runner"), self.config.get("runner"), "opd"))
-
-    def lookup(self, key: str) -> Any:
-        """Overrides first (group choices), then the resolved config by dotted path; None when absent."""
-        if key in self.overrides:
-            return self.overrides[key]
-        node: Any = self.config
-        for part in key.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
-
-    @property
-    def cell(self) -> tuple:
-        """(key, value text) of every override that defines the cell (the seed and run knobs left out)."""
-        pairs = (o.partition("=")[::2] for o in self.override_list if "=" in o)
-        return tuple(sorted((k.lstrip("+~"), v) for k, v in pairs
-                            if k.lstrip("+~") not in NOT_CELL_KEYS and not k.startswith("hydra")))
-
-
-def first_set(*values: Any) -> Any:
-    return next((v for v in values if v is not None), None)
-
-
-def split_override(text: str) -> tuple[str, Any]:
-    key, _, value = text.partition("=")
-    return key.lstrip("+~"), parse_value(value)
-
-
-def read_config(path: Path) -> dict:
-    """The resolved config.yaml, or Hydra's own copy (resolved when possible) for runs that failed early."""
-    from omegaconf import OmegaConf
-
-    if (path / "config.yaml").exists():
-        return yaml.safe_load((path / "config.yaml").read_text()) or {}
-    hydra_cfg = path / ".hydra" / "config.yaml"
-    if not hydra_cfg.exists():
-        return {}
-    node = OmegaConf.load(hydra_cfg)
-    try:
-        return OmegaConf.to_container(node, resolve=True)
-    except Exception:  # an interpolation that needs Hydra's runtime: keep it unresolved
-        return OmegaConf.to_container(node, resolve=False)
-
-
-def load_run(path: Path) -> Run:
-    summary = rundir.read_summary(path) or {}
-    override_list = summary.get("overrides")
-    if override_list is None and (path / ".hydra" / "overrides.yaml").exists():
-        override_list = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text())
-    override_list = [str(o) for o in override_list or []]
-    overrides = dict(split_override(o) for o in override_list if "=" in o)
-    return Run(path, summary, read_config(path), overrides, override_list)
-
-
-def is_run_dir(path: Path) -> bool:
-    return (path / rundir.SUMMARY).is_file() or (path / ".hydra" / "config.yaml").is_file()
-
-
-def find_run_dirs(args: list[str]) -> list[Path]:
-    """Run dirs named by, or found below, each argument (a dir or a glob)."""
-    found: set[Path] = set()
-    for arg in args:
-        for top in [Path(p) for p in sorted(glob.glob(arg))] or [Path(arg)]:
-            if is_run_dir(top):
-                found.add(top.resolve())
-            elif top.is_dir():
-                for marker in list(top.rglob(rundir.SUMMARY)) + list(top.rglob(".hydra/config.yaml")):
-                    run = marker.parent.parent if marker.parent.name == ".hydra" else marker.parent
-                    if ".submitit" not in run.parts:
-                        found.add(run.resolve())
-    return sorted(found)
 
 
 # ----------------------------------------------------------------------------- the report block
@@ -299,6 +119,7 @@ class ReportSpec:
     curves: list[str] = spec(default_factory=lambda: list(DEFAULT_CURVES), doc="metrics.jsonl keys to plot")
     facets: list[str] = spec(default_factory=lambda: ["model"], doc="keys splitting every table per value")
     tables: list[TableSpec] = spec(default_factory=list, doc="the tables")
+    claims: list[ClaimSpec] = spec(default_factory=list, doc="the paper's claims, checked per facet")
 
 
 def report_spec(runs: list[Run]) -> ReportSpec | None:
@@ -440,9 +261,25 @@ def pivot_table(ts: TableSpec, usable: list[Run]) -> Table:
         table.cells[label] = stats
         if best:
             table.marks.add((label, best))
-        table.notes.append(f"{label}: best {best or 'n/a'} (highest mean; * in the table)")
+        table.notes.append(f"{label}: best {best or 'n/a'} (highest mean; * in the table)"
+                           + recorded_choice(ts.index, index, ts.x, best))
         table.row_runs[label] = row_runs
     return table
+
+
+def recorded_choice(index_key: str, index: Any, x_key: str, best: str | None) -> str:
+    """For a pivot over recipes: the value of ``x_key`` that conf/recipe/<index>.yaml records, and whether it
+    is the sweep's best (how lr_tune's choice is checked against what the tables then use)."""
+    path = CONF_DIR / "recipe" / f"{index}.yaml"
+    if index_key != "recipe" or not path.is_file() or not best:
+        return ""
+    node: Any = yaml.safe_load(path.read_text()) or {}
+    for part in x_key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    if node is None:
+        return f"; conf/recipe/{index}.yaml sets no {x_key}"
+    agrees = same_value(node, best.split("=", 1)[1])
+    return f"; conf/recipe/{index}.yaml records {x_key}={node} ({'the best' if agrees else 'NOT the best'})"
 
 
 def build_table(ts: TableSpec, runs: list[Run]) -> Table:
@@ -467,25 +304,6 @@ def generic_table(runs: list[Run]) -> Table:
         table.cells[label] = {k: mean_ci([r.results.get(k) for r in cell_runs]) for k in keys}
         table.row_runs[label] = cell_runs
     return table
-
-
-def group_cells(runs: list[Run]) -> dict[tuple, list[Run]]:
-    cells: dict[tuple, list[Run]] = defaultdict(list)
-    for run in runs:
-        cells[run.cell].append(run)
-    return dict(sorted(cells.items()))
-
-
-def varying_keys(runs: list[Run]) -> list[str]:
-    """Cell keys whose value differs between runs (a key some runs lack counts as differing)."""
-    cells = [dict(r.cell) for r in runs]
-    keys = {k for c in cells for k in c}
-    return sorted(k for k in keys if len({c.get(k) for c in cells}) > 1)
-
-
-def cell_label(cell: tuple, varying: list[str]) -> str:
-    items = dict(cell)
-    return ",".join(f"{k}={items[k]}" if k in items else f"{k}=(unset)" for k in varying) or "all"
 
 
 # ----------------------------------------------------------------------------- writing tables
@@ -556,113 +374,6 @@ def cells_frame(runs: list[Run]):
 
 
 # ----------------------------------------------------------------------------- figures
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def bar_figure(table: Table, path: Path) -> bool:
-    """Grouped bars: one group per column (split), one bar per row, 95% CI error bars."""
-    labels = [lab for lab, stats in table.cells.items() if any(s.n for s in stats.values())]
-    columns = table.columns
-    if not labels or not columns:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(columns) * (1 + 0.25 * len(labels))), 3.6))
-    width = 0.8 / len(labels)
-    for i, label in enumerate(labels):
-        stats = [table.cells[label][c] for c in columns]
-        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(columns))]
-        means = [s.mean for s in stats]
-        errs = [[0 if math.isnan(s.lo) else s.mean - s.lo for s in stats],
-                [0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]]
-        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
-    ax.set_xticks(range(len(columns)), columns, rotation=15 if len(columns) > 4 else 0)
-    ax.set_ylabel(table.metric or "value")
-    ax.set_title(table.title or table.name, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def curve_stats(runs: list[Run], key: str) -> tuple[list[int], list[Stat]]:
-    """Per step, the mean and CI over the runs (seeds) that logged ``key`` at that step."""
-    by_step: dict[int, list[float]] = defaultdict(list)
-    for run in runs:
-        for row in rundir.read_metrics(run.path):
-            if row.get(key) is not None and "step" in row:
-                by_step[int(row["step"])].append(float(row[key]))
-    steps = sorted(by_step)
-    return steps, [mean_ci(by_step[s]) for s in steps]
-
-
-def curve_figure(table: Table, keys: list[str], path: Path, max_lines: int = 12) -> bool:
-    """One panel per metrics.jsonl key, one line per row (mean over seeds) with its CI band."""
-    rows = list(table.row_runs.items())[:max_lines]
-    data = {k: [(lab, *curve_stats(rs, k)) for lab, rs in rows] for k in keys}
-    data = {k: [d for d in v if d[1]] for k, v in data.items()}
-    data = {k: v for k, v in data.items() if v}
-    if not data:
-        return False
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(data), figsize=(3.4 * len(data), 3.0), squeeze=False)
-    for ax, (key, lines) in zip(axes[0], data.items(), strict=True):
-        for label, steps, stats in lines:
-            line, = ax.plot(steps, [s.mean for s in stats], label=label, lw=1.2)
-            ax.fill_between(steps, [s.lo for s in stats], [s.hi for s in stats], alpha=0.2,
-                            color=line.get_color(), lw=0)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
-    axes[0][0].legend(fontsize=6, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def x_figure(table: Table, path: Path) -> bool:
-    """Metric against a numeric `x` (layout 2: one line per column; layout 3: one line per row)."""
-    if not table.x_key:
-        return False
-    series: dict[str, list[tuple[float, Stat]]] = defaultdict(list)
-    for label, stats in table.cells.items():
-        for col, s in stats.items():
-            if not s.n:
-                continue
-            pivot = col.startswith(f"{table.x_key}=")
-            x = parse_value((col if pivot else label).split("=", 1)[1])
-            if isinstance(x, (int, float)) and not isinstance(x, bool):
-                series[label if pivot else col].append((float(x), s))
-    if not series:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    for name, points in series.items():
-        points.sort(key=lambda p: p[0])
-        xs, stats = [p[0] for p in points], [p[1] for p in points]
-        errs = [[0 if math.isnan(s.lo) else s.mean - s.lo for s in stats],
-                [0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]]
-        ax.errorbar(xs, [s.mean for s in stats], yerr=errs, marker="o", capsize=2, label=name)
-    xs_all = [p[0] for pts in series.values() for p in pts]
-    if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
-        ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs_all) else 10)
-    ax.set_xlabel(table.x_key)
-    ax.set_ylabel(table.metric)
-    ax.set_title(table.title or table.name, fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 # ----------------------------------------------------------------------------- provenance
 
 def last_line(text: str | None) -> str:
@@ -776,6 +487,18 @@ def write_tables(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[s
     return md
 
 
+def write_claims(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[str]:
+    """The paper's claims (``report.claims``) per facet group into out/claims.csv; the README section."""
+    if not spec_ or not spec_.claims:
+        return []
+    results = []
+    for facet, facet_runs in facet_groups(runs, spec_.facets).items():
+        usable = [r for r in facet_runs if r.usable and r.runner == "opd"]
+        results += [(facet, evaluate_claim(c, usable, matches, hardest_split)) for c in spec_.claims]
+    claims_frame(results).to_csv(out / "claims.csv", index=False)
+    return claims_markdown(results)
+
+
 def toy_report(runs: list[Run], out: Path) -> bool:
     """Hand toy-study runs to the toy module's own report; False when that module is not available."""
     try:
@@ -803,6 +526,8 @@ def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> 
         from opd_exp.failure_report import write_failure_report
 
         body += write_failure_report(opd, out)
+    if opd:
+        body += write_claims(opd, out, spec_)
     body += provenance(runs, args)
     if opd or not toy_written:
         body += ["## Tables", ""] + write_tables(opd or toy, out, spec_ if opd else None)

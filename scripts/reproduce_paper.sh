@@ -8,7 +8,8 @@
 #   SCALE=smoke scripts/reproduce_paper.sh           # a 2-step run of every cell: checks the plumbing in minutes
 #   SCALE=real STUDENT_PATH=/models/Qwen2.5-7B-Instruct TEACHER_PATH=/models/OpenThinker3-7B \
 #     DATASET_PATH=/data/dapo_math_17k.jsonl LAUNCHER=slurm_gpu scripts/reproduce_paper.sh math_main
-#   LAUNCHER=local_parallel scripts/reproduce_paper.sh   # two cells at a time (conf/hydra/launcher/)
+#   LAUNCHER=basic scripts/reproduce_paper.sh        # one cell at a time (default: local_parallel at the
+#                                                    # default and smoke scales, 2 cells x 1 torch thread)
 #   DRY_RUN=1 scripts/reproduce_paper.sh             # print the commands only
 #
 # Scales:
@@ -33,7 +34,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 SCALE="${SCALE:-default}"
-LAUNCHER="${LAUNCHER:-}"
+# two cells at a time with one torch thread each on the CPU scales (conf/hydra/launcher/local_parallel.yaml);
+# the real scale takes the launcher from LAUNCHER (e.g. slurm_gpu) or Hydra's basic one
+if [ "$SCALE" = real ]; then LAUNCHER="${LAUNCHER:-}"; else LAUNCHER="${LAUNCHER:-local_parallel}"; fi
 DRY_RUN="${DRY_RUN:-0}"
 PYTHON="${PYTHON:-python}"
 
@@ -110,13 +113,25 @@ run_part() {  # run_part <experiment> <part> <command...>: run, time and record 
 TOTAL_START=$SECONDS
 for name in "${EXPERIMENTS[@]}"; do
   args=("experiment=$name" "hydra.sweep.dir=$SWEEP_ROOT/$name")
-  [ -n "$LAUNCHER" ] && args+=("hydra/launcher=$LAUNCHER")
+  [ -n "$LAUNCHER" ] && [ "$LAUNCHER" != basic ] && args+=("hydra/launcher=$LAUNCHER")
+  [ "$LAUNCHER" = local_parallel ] && args+=(threads=1)
   if [ "${#SCALE_OVERRIDES[@]}" -gt 0 ]; then
     args+=("${SCALE_OVERRIDES[@]}" "$(exclude_keys)")
     # K = 32 is the paper's support; F6's recipes set their own K, which a command-line value would override
     [ "$SCALE" = real ] && [ "$name" != ablation_k_topp ] && args+=(++estimator.top_k=32)
   fi
   run_part "$name" sweep "$PYTHON" -m opd_exp "${args[@]}"
-  run_part "$name" report "$PYTHON" -m opd_exp.report "$SWEEP_ROOT/$name" --out "$RESULTS_ROOT/$name"
+  case "$name" in
+    toy_gamma|toy_exact) ;;  # one report for both toy sweeps, below
+    *) run_part "$name" report "$PYTHON" -m opd_exp.report "$SWEEP_ROOT/$name" --out "$RESULTS_ROOT/$name" ;;
+  esac
 done
+# the toy study's two sweeps share one report: results/toy/
+TOY_SWEEPS=()
+for name in toy_gamma toy_exact; do [ -d "$SWEEP_ROOT/$name" ] && TOY_SWEEPS+=("$SWEEP_ROOT/$name"); done
+case " ${EXPERIMENTS[*]} " in
+  *" toy_gamma "*|*" toy_exact "*)
+    [ "${#TOY_SWEEPS[@]}" -gt 0 ] || [ "$DRY_RUN" = 1 ] && \
+      run_part toy report "$PYTHON" -m opd_exp.toy.report "${TOY_SWEEPS[@]}" --out "$RESULTS_ROOT/toy" ;;
+esac
 echo "[reproduce_paper] done in $((SECONDS - TOTAL_START)) s; timings in $TIMINGS"

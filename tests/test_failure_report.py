@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from opd_exp import failure_report, report
+from opd_exp import runs as runs_mod
 
 ROWS, LENGTH = 4, 12  # responses per batch, tokens per response
 THINK_OPEN, THINK_CLOSE, END = 6, 7, 2  # ids of <think>, </think>, <|im_end|> in the tiny vocabulary
@@ -185,7 +186,7 @@ def test_loop_example_or_a_plain_statement(written, tmp_path):
     assert "A loop from tiny_mismatch" in (written / "README.md").read_text()
     for seed in BELOW:  # matched pair only: no response loops
         make_run(tmp_path / "runs", "tiny", "baseline", seed)
-    runs = [report.load_run(p) for p in report.find_run_dirs([str(tmp_path / "runs")])]
+    runs = [runs_mod.load_run(p) for p in runs_mod.find_run_dirs([str(tmp_path / "runs")])]
     md = "\n".join(failure_report.write_failure_report(runs, tmp_path / "out"))
     assert "no repetition loop" in md
     assert not (tmp_path / "out" / "fig3_loop_example.png").exists()
@@ -193,6 +194,6 @@ def test_loop_example_or_a_plain_statement(written, tmp_path):
 
 def test_one_seed_is_undetermined(tmp_path):
     make_run(tmp_path / "runs", "tiny_mismatch", "baseline", 0)
-    runs = [report.load_run(p) for p in report.find_run_dirs([str(tmp_path / "runs")])]
+    runs = [runs_mod.load_run(p) for p in runs_mod.find_run_dirs([str(tmp_path / "runs")])]
     md = "\n".join(failure_report.write_failure_report(runs, tmp_path / "out"))
     assert "UNDETERMINED (fewer than 2 seeds)" in md

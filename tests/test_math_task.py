@@ -36,6 +36,25 @@ def test_splits_are_disjoint_and_sized():
     assert len(seen) == len(set(seen))
 
 
+def test_tune_splits_are_apart_from_the_reported_ones_and_keep_the_pool():
+    report, tune = make(), make(eval_set="tune")
+    assert tune.train == report.train  # the pool (and the pair bootstrapped on it) does not change
+    reported = {e.question for split in report.eval_splits.values() for e in split}
+    pool = {e.question for e in report.train}
+    for name, split in tune.eval_splits.items():
+        assert len(split) == 50 and {e.split for e in split} == {name}
+        questions = {e.question for e in split}
+        assert not questions & reported and not questions & pool
+    assert tune.eval_splits.keys() == report.eval_splits.keys()
+
+
+def test_tune_set_needs_generated_data(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"{i}+1", "answer": i + 1}) + "\n" for i in range(80)))
+    with pytest.raises(ConfigError, match="task.eval_set"):
+        make(dataset_path=str(rows), eval_set="tune")
+
+
 def test_split_knobs_are_applied():
     task = make()
     n_ops = lambda e: e.question.count("+") + e.question.count("-")  # noqa: E731

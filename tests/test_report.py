@@ -20,8 +20,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from opd_exp import report
-from opd_exp.report import main, mean_ci, t_quantile
+from opd_exp import claims, report
+from opd_exp.report import main
+from opd_exp.stats import Stat, mean_ci, t_quantile
 
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = ("id", "long", "wide")
@@ -176,6 +177,39 @@ def test_math_main_table_means_cis_and_failed_cell(tmp_path):
     assert sorted(runs["status"].unique()) == ["completed", "failed", "unfinished (no run_summary.json)"]
 
 
+def test_claims_read_paired_differences_over_seeds(tmp_path):
+    out = tmp_path / "out"
+    assert main([str(make_math_main(tmp_path)), "--out", str(out)]) == 0
+    claims = pd.read_csv(out / "claims.csv").set_index("claim")
+    # ours - baseline (no mask) per seed: 5/6 * 0.3 on the split average, the same for every seed
+    beats = claims.loc["Ours w/o mask beats sampled-token OPD"]
+    assert (beats["diff_mean"], beats["diff_ci_lo"], beats["n"]) == (pytest.approx(0.25), pytest.approx(0.25), 3)
+    assert beats["verdict"] == "reproduces"
+    # mask on the baseline: 5/6 * (0.1, 0, -0.1) -> mean 0, interval around it
+    mask = claims.loc["Masking special tokens improves sampled-token OPD"]
+    assert mask["diff_mean"] == pytest.approx(0.0, abs=1e-12)
+    assert mask["diff_ci_hi"] == pytest.approx(T975_2DOF * (5 / 6) * 0.1 / math.sqrt(3))
+    assert mask["verdict"].startswith("not significant")
+    # the failed seed has no pair: n = 2; diffs 5/6 * (0, 0.1) contain 0 -> consistent with "similar"
+    similar = claims.loc["Masking changes little on top of Ours"]
+    assert similar["n"] == 2 and similar["verdict"].startswith("consistent")
+    # student_before pairs with every seed: after - before = 5/6 * (0.2 - 0.1, 0.3 - 0.2, 0.4 - 0.3)
+    improves = claims.loc["Sampled-token OPD improves on the student"]
+    assert improves["diff_mean"] == pytest.approx(5 / 6 * 0.1) and improves["verdict"] == "reproduces"
+    assert "## Paper claims at this scale" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("lo,hi,expect,verdict", [
+    (0.1, 0.3, "higher", "reproduces"), (-0.3, -0.1, "higher", "opposite (significant)"),
+    (-0.3, -0.1, "lower", "reproduces"), (-0.1, 0.3, "higher", "not significant (mean in the paper's direction)"),
+    (-0.1, 0.3, "lower", "not significant (mean in the opposite direction)"),
+    (-0.1, 0.3, "similar", "consistent (no significant difference)"),
+    (0.1, 0.3, "similar", "does not reproduce (significant difference)")])
+def test_claim_verdicts(lo, hi, expect, verdict):
+    assert claims.verdict(Stat((lo + hi) / 2, lo, hi, 3), expect) == verdict
+    assert claims.verdict(Stat(0.2, math.nan, math.nan, 1), expect).startswith("not enough seeds")
+
+
 def test_hardest_column_is_the_teachers_worst_split(tmp_path):
     sweep = tmp_path / "ablation_components"
     for recipe, score in (("baseline", 0.2), ("baseline_top_p", 0.3), ("topk_full", 0.1), ("ours", 0.4)):
@@ -227,6 +261,7 @@ def test_pivot_marks_best_lr(tmp_path):
     assert "recipe=ours: best train.lr=0.0005" in md
     assert "recipe=baseline: best train.lr=0.0015" in md
     assert md.count(" * |") == 2
+    assert "conf/recipe/ours.yaml records train.lr=" in md  # the recorded choice, checked against the sweep
 
 
 def test_adhoc_sweep_gets_a_generic_table_and_facets_by_experiment(tmp_path):

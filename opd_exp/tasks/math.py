@@ -167,7 +167,9 @@ class MathTask:
         train:        ``cfg.n_train`` examples (generated), or the rows of ``cfg.dataset_path`` minus held-out.
         eval_splits:  name -> ``cfg.n_eval`` examples; generated splits use ``cfg.eval_splits[name]`` overrides
                       and are disjoint from each other and from ``train``. With a dataset, only ``id`` (the
-                      first ``n_eval`` shuffled rows, held out of ``train``).
+                      first ``n_eval`` shuffled rows, held out of ``train``). ``cfg.eval_set = "tune"``
+                      replaces them with splits of the same shape, disjoint from the reported ones and from
+                      ``train``, for hyper-parameter tuning.
         convention:   the response convention written and graded (delimiters, answer prefix, end token).
     """
 
@@ -176,6 +178,9 @@ class MathTask:
         self.convention = convention
         splits = dict(cfg.eval_splits or {"id": {}})
         if cfg.dataset_path:
+            if cfg.eval_set != "report":
+                raise ConfigError("task.eval_set", f"'{cfg.eval_set}' needs generated data; with "
+                                  f"task.dataset_path only 'report' is allowed")
             rows = load_jsonl(cfg.dataset_path, cfg.data_seed)
             if len(rows) <= cfg.n_eval:
                 raise ConfigError("task.dataset_path", f"{cfg.dataset_path}: {len(rows)} rows, need more than "
@@ -189,6 +194,11 @@ class MathTask:
         self.eval_splits = {name: sample_unique(rng, cfg.n_eval, split_knobs(cfg, name, splits[name]), name, taken)
                             for name in sorted(splits)}
         self.train = sample_unique(rng, cfg.n_train, split_knobs(cfg, "train", {}), "train", taken)
+        if cfg.eval_set == "tune":
+            # drawn after the pool, so the pool (and the bootstrapped pair trained on it) stays the same
+            self.eval_splits = {name: sample_unique(rng, cfg.n_eval, split_knobs(cfg, name, splits[name]), name,
+                                                    taken)
+                                for name in sorted(splits)}
 
     # --------------------------------------------------------------------------------------------------------
     def prompt_text(self, tokenizer, example: Example) -> str:

@@ -1,0 +1,121 @@
+"""The report's figures: bars per split with CI error bars, training curves with CI bands, metric against x."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from opd_exp import rundir
+from opd_exp.runs import Run, parse_value
+from opd_exp.stats import Stat, mean_ci
+
+if TYPE_CHECKING:
+    from opd_exp.report import Table
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_figure(table: Table, path: Path) -> bool:
+    """Grouped bars: one group per column (split), one bar per row, 95% CI error bars."""
+    labels = [lab for lab, stats in table.cells.items() if any(s.n for s in stats.values())]
+    columns = table.columns
+    if not labels or not columns:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(columns) * (1 + 0.25 * len(labels))), 3.6))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        stats = [table.cells[label][c] for c in columns]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(columns))]
+        means = [s.mean for s in stats]
+        errs = [[0 if math.isnan(s.lo) else s.mean - s.lo for s in stats],
+                [0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]]
+        ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
+    ax.set_xticks(range(len(columns)), columns, rotation=15 if len(columns) > 4 else 0)
+    ax.set_ylabel(table.metric or "value")
+    ax.set_title(table.title or table.name, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def curve_stats(runs: list[Run], key: str) -> tuple[list[int], list[Stat]]:
+    """Per step, the mean and CI over the runs (seeds) that logged ``key`` at that step."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for run in runs:
+        for row in rundir.read_metrics(run.path):
+            if row.get(key) is not None and "step" in row:
+                by_step[int(row["step"])].append(float(row[key]))
+    steps = sorted(by_step)
+    return steps, [mean_ci(by_step[s]) for s in steps]
+
+
+def curve_figure(table: Table, keys: list[str], path: Path, max_lines: int = 12) -> bool:
+    """One panel per metrics.jsonl key, one line per row (mean over seeds) with its CI band."""
+    rows = list(table.row_runs.items())[:max_lines]
+    data = {k: [(lab, *curve_stats(rs, k)) for lab, rs in rows] for k in keys}
+    data = {k: [d for d in v if d[1]] for k, v in data.items()}
+    data = {k: v for k, v in data.items() if v}
+    if not data:
+        return False
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(data), figsize=(3.4 * len(data), 3.0), squeeze=False)
+    for ax, (key, lines) in zip(axes[0], data.items(), strict=True):
+        for label, steps, stats in lines:
+            line, = ax.plot(steps, [s.mean for s in stats], label=label, lw=1.2)
+            ax.fill_between(steps, [s.lo for s in stats], [s.hi for s in stats], alpha=0.2,
+                            color=line.get_color(), lw=0)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0][0].legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def x_figure(table: Table, path: Path) -> bool:
+    """Metric against a numeric `x` (layout 2: one line per column; layout 3: one line per row)."""
+    if not table.x_key:
+        return False
+    series: dict[str, list[tuple[float, Stat]]] = defaultdict(list)
+    for label, stats in table.cells.items():
+        for col, s in stats.items():
+            if not s.n:
+                continue
+            pivot = col.startswith(f"{table.x_key}=")
+            x = parse_value((col if pivot else label).split("=", 1)[1])
+            if isinstance(x, (int, float)) and not isinstance(x, bool):
+                series[label if pivot else col].append((float(x), s))
+    if not series:
+        return False
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    for name, points in series.items():
+        points.sort(key=lambda p: p[0])
+        xs, stats = [p[0] for p in points], [p[1] for p in points]
+        errs = [[0 if math.isnan(s.lo) else s.mean - s.lo for s in stats],
+                [0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]]
+        ax.errorbar(xs, [s.mean for s in stats], yerr=errs, marker="o", capsize=2, label=name)
+    xs_all = [p[0] for pts in series.values() for p in pts]
+    if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 8:
+        ax.set_xscale("log", base=2 if all(float(x).is_integer() for x in xs_all) else 10)
+    ax.set_xlabel(table.x_key)
+    ax.set_ylabel(table.metric)
+    ax.set_title(table.title or table.name, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
