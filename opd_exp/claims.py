@@ -18,7 +18,7 @@ Declared in an experiment file's ``report.claims`` (conf/experiment/math_main.ya
       - claim: "Ours w/o mask beats sampled-token OPD"
         paper: "avg 41.7 vs 36.4"
         metric: avg@4
-        split: avg                  # a split name | avg | hardest (the teacher's lowest-scoring split)
+        split: avg                  # a split name | avg | hardest (opd_exp.report.hardest_split)
         a: {where: {recipe: ours, mask.enabled: false}}
         b: {where: {recipe: baseline, mask.enabled: false}}
         expect: higher

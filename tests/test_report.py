@@ -21,6 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from opd_exp import claims, report
+from opd_exp import runs as runs_mod
 from opd_exp.report import main
 from opd_exp.stats import Stat, mean_ci, t_quantile
 
@@ -210,7 +211,24 @@ def test_claim_verdicts(lo, hi, expect, verdict):
     assert claims.verdict(Stat(0.2, math.nan, math.nan, 1), expect).startswith("not enough seeds")
 
 
-def test_hardest_column_is_the_teachers_worst_split(tmp_path):
+def test_hardest_split_is_the_students_worst_among_those_the_teacher_leads(tmp_path):
+    before = {"id": 0.3, "long": 0.05, "wide": 0.15}
+    teacher = {"id": 0.99, "long": 0.04, "wide": 0.35}  # long: the teacher fails it as badly as the student
+    runs = []
+    for seed in (0, 1):
+        results = {f"{who}/{split}/avg@2": value for who, table in (("student_before", before), ("teacher", teacher))
+                   for split, value in table.items()}
+        ov = ["recipe=ours", "model=tiny", f"seed={seed}", "experiment=ablation_components"]
+        runs.append(make_run(tmp_path, ov, base_config("ablation_components", seed), results=results))
+    loaded = [runs_mod.load_run(p) for p in runs]
+    assert report.hardest_split(loaded, "avg@2") == "wide"
+    untaught = {f"teacher/{s}/avg@2": 0.0 for s in before} | {f"student_before/{s}/avg@2": 0.5 for s in before}
+    for run in loaded:
+        run.summary["results"] = untaught | {"teacher/long/avg@2": -1.0}
+    assert report.hardest_split(loaded, "avg@2") == "long"  # none taught: the teacher's lowest
+
+
+def test_hardest_column_in_the_component_table(tmp_path):
     sweep = tmp_path / "ablation_components"
     for recipe, score in (("baseline", 0.2), ("baseline_top_p", 0.3), ("topk_full", 0.1), ("ours", 0.4)):
         for seed in (0, 1):
