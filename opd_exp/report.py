@@ -73,6 +73,7 @@ from opd_exp.runs import (
     load_run,
     parse_value,
     same_value,
+    shown_path,
     varying_keys,
 )
 from opd_exp.stats import Stat, mean_ci
@@ -355,7 +356,7 @@ def runs_frame(runs: list[Run]):
 
     rows = []
     for run in runs:
-        row = {"run_dir": str(run.path), "status": run.status, "seed": run.seed, "runner": run.runner,
+        row = {"run_dir": shown_path(run.path), "status": run.status, "seed": run.seed, "runner": run.runner,
                "wall_time_s": run.summary.get("wall_time_s"), "overrides": " ".join(run.override_list),
                "git_commit": run.summary.get("git_commit")}
         row |= {k: v for k, v in run.results.items() if isinstance(v, (int, float))}
@@ -421,7 +422,7 @@ def provenance(runs: list[Run], args: list[str]) -> list[str]:
         f"- report: `opd-exp-report {' '.join(args)}` on {datetime.date.today().isoformat()}; "
         "nothing in this directory is edited by hand",
         f"- sweep: `{command}`" + (f", swept: {'; '.join(swept)}" if swept else ""),
-        f"- run dirs: {len(runs)} ({', '.join(sorted({str(r.path.parent) for r in runs}))})",
+        f"- run dirs: {len(runs)} ({', '.join(sorted({shown_path(r.path.parent) for r in runs}))})",
         f"- git commit(s): {', '.join(commits) or 'unknown'}",
         f"- seeds: {', '.join(map(str, seeds)) or 'unknown'}",
         f"- scale: {', '.join(scale_lines(runs)) or 'unknown'}" if any(r.runner == "opd" for r in runs)
@@ -444,7 +445,8 @@ def cell_sections(runs: list[Run]) -> list[str]:
     lines += ["| cell | seed | status | error (last line) | run dir |", "|---|---|---|---|---|"]
     for run in bad:
         error = last_line(run.summary.get("error")).replace("|", "\\|")
-        lines.append(f"| {cell_label(run.cell, varying)} | {run.seed} | {run.status} | {error} | {run.path} |")
+        where = shown_path(run.path)
+        lines.append(f"| {cell_label(run.cell, varying)} | {run.seed} | {run.status} | {error} | {where} |")
     return lines + ["", "Re-running the same sweep command re-executes only these cells (finished ones are "
                     "skipped).", ""]
 

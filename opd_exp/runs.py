@@ -98,6 +98,14 @@ class Run:
                             if k.lstrip("+~") not in NOT_CELL_KEYS and not k.startswith("hydra")))
 
 
+def shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (reports stay machine-independent)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def first_set(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
 

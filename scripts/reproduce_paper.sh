@@ -132,6 +132,6 @@ for name in toy_gamma toy_exact; do [ -d "$SWEEP_ROOT/$name" ] && TOY_SWEEPS+=("
 case " ${EXPERIMENTS[*]} " in
   *" toy_gamma "*|*" toy_exact "*)
     [ "${#TOY_SWEEPS[@]}" -gt 0 ] || [ "$DRY_RUN" = 1 ] && \
-      run_part toy report "$PYTHON" -m opd_exp.toy.report "${TOY_SWEEPS[@]}" --out "$RESULTS_ROOT/toy" ;;
+      run_part toy report "$PYTHON" -m opd_exp.report "${TOY_SWEEPS[@]}" --out "$RESULTS_ROOT/toy" ;;
 esac
 echo "[reproduce_paper] done in $((SECONDS - TOTAL_START)) s; timings in $TIMINGS"

@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from opd_exp.rundir import atomic_write_text, git_commit, read_summary
+from opd_exp.runs import shown_path
 from opd_exp.toy import report_exact, report_gamma
 from opd_exp.toy.stats import to_markdown
 
@@ -43,7 +44,7 @@ def _load(run_dirs: list[Path]) -> dict[str, list[dict]]:
         summary = read_summary(run_dir)
         if not summary or summary.get("runner") not in RUNNERS:
             continue
-        summary["run_dir"] = str(run_dir)
+        summary["run_dir"] = shown_path(run_dir)
         ok = summary.get("status") == "completed"
         groups.setdefault(summary["runner"] + ("" if ok else "/failed"), []).append(summary)
     return groups
@@ -90,7 +91,7 @@ Do not edit by hand: re-run the commands below.
 
     opd-exp experiment=toy_gamma       # 5 gammas x 5 seeds, the paper's toy (conf/experiment/toy_gamma.yaml)
     opd-exp experiment=toy_exact       # 5 couplings x 5 seeds, the exact bias/variance study
-    python -m opd_exp.toy.report multirun/toy_gamma multirun/toy_exact --out results/toy
+    opd-exp-report multirun/toy_gamma multirun/toy_exact --out results/toy
 
 ## What is estimated
 
