@@ -314,8 +314,10 @@ def ensure_tiny_pair(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
             return entry
         if entry.exists():  # incomplete leftovers (never produced by this code's rename, but be safe)
             shutil.rmtree(entry)
+        # under the lock no one else writes this entry: temp dirs left here are from killed bootstraps
+        for stale in entry.parent.glob(f".{entry.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = entry.parent / f".{entry.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
         threads = torch.get_num_threads()
         if boot.threads:
             torch.set_num_threads(boot.threads)

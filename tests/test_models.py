@@ -149,6 +149,18 @@ def test_incomplete_entry_is_rebuilt(tmp_path, monkeypatch):
     assert (entry / COMPLETE).is_file() and not (entry / "teacher" / "stale").exists()
 
 
+def test_temp_dirs_of_killed_bootstraps_are_removed(tmp_path, monkeypatch):
+    model_cfg = ModelConfig(bootstrap=TINY_BOOT, cache_dir=str(tmp_path))
+    entry = entry_dir(model_cfg, TASK)
+    killed = tmp_path / f".{entry.name}.tmp-999999"  # a SIGKILLed bootstrap's half-trained models
+    (killed / "teacher").mkdir(parents=True)
+    other = tmp_path / ".other-entry.tmp-999999"  # another entry's: not ours to remove
+    other.mkdir()
+    monkeypatch.setattr(bootstrap, "train_member", lambda role, *a: {"accuracy": {}})
+    ensure_tiny_pair(model_cfg, TASK)
+    assert not killed.exists() and other.exists()
+
+
 def test_failed_bootstrap_leaves_no_entry(tmp_path, monkeypatch):
     model_cfg = ModelConfig(bootstrap=TINY_BOOT, cache_dir=str(tmp_path))
 
