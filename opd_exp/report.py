@@ -62,7 +62,7 @@ from typing import Any
 
 import yaml
 
-from opd_exp.claims import WHO, ClaimSpec, claims_frame, claims_markdown, evaluate_claim
+from opd_exp.claims import WHO, ClaimSpec, SideSpec, claims_frame, claims_markdown, evaluate_claim
 from opd_exp.report_figures import bar_figure, curve_figure, x_figure
 from opd_exp.runs import (
     FINISHED,
@@ -90,12 +90,10 @@ CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees
 # ----------------------------------------------------------------------------- the report block
 
 @dataclass
-class RowSpec:
-    """One explicit row of a table."""
+class RowSpec(SideSpec):
+    """One explicit row of a table: a labelled side (whose evaluation, of which runs)."""
 
     label: str = spec("", "row label as in the paper")
-    who: str = spec("student_after", "whose evaluation", choices=list(WHO))
-    where: dict = spec(default_factory=dict, doc="key -> value every run of the row matches")
 
 
 @dataclass
