@@ -8,7 +8,8 @@ anything); the verdict reads the 95% t-interval of mean(d) over the seeds that b
 
     higher / lower:  reproduces           the interval excludes 0 on the paper's side
                      opposite             the interval excludes 0 on the other side
-                     not significant      the interval contains 0 (the sign of the mean is reported)
+                     not significant      the interval contains 0 (the sign of the mean is reported, or
+                                          "no difference" when the mean is exactly 0)
     similar:         consistent           the interval contains 0 (weak evidence with few seeds)
                      does not reproduce   the interval excludes 0
 
@@ -94,6 +95,8 @@ def verdict(diff: Stat, expect: str) -> str:
         return "reproduces"
     if other_side:
         return "opposite (significant)"
+    if diff.mean == 0:
+        return "not significant (no difference)"
     direction = "the paper's" if (diff.mean > 0) == (expect == "higher") else "the opposite"
     return f"not significant (mean in {direction} direction)"
 

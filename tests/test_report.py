@@ -208,6 +208,8 @@ def test_claims_read_paired_differences_over_seeds(tmp_path):
     (0.1, 0.3, "similar", "does not reproduce (significant difference)")])
 def test_claim_verdicts(lo, hi, expect, verdict):
     assert claims.verdict(Stat((lo + hi) / 2, lo, hi, 3), expect) == verdict
+    assert claims.verdict(Stat(0.0, lo - hi, hi - lo, 3), expect) in (
+        "not significant (no difference)", "consistent (no significant difference)")
     assert claims.verdict(Stat(0.2, math.nan, math.nan, 1), expect).startswith("not enough seeds")
 
 
