@@ -19,7 +19,8 @@ Exit status (single run; a sweep records each cell's status in its run_summary.j
     2    bad config: one line naming the field, the value and the allowed values; nothing ran
     143  interrupted by SIGTERM (128 + 15, as a shell reports a TERM'd job): a checkpoint was written and
          the summary says status: interrupted; rerun the same command to resume. A sweep stops here too
-         (pre-emption takes the whole job); rerunning it skips finished cells and resumes this one.
+         (pre-emption takes the whole job); rerunning it skips finished cells and resumes this one. With a
+         parallel launcher (joblib) the launching process passes SIGTERM on to its worker processes.
     130  interrupted by Ctrl-C (SIGINT): summary status: interrupted; resumes from the last periodic checkpoint.
 """
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -57,6 +59,7 @@ def _runner(name: str):
 
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_SIGINT, EXIT_INTERRUPTED = 1, 2, 130, 143
+LAUNCHER_PID = "OPD_EXP_LAUNCHER_PID"  # env: the pid of the process that launched the run or sweep
 
 
 def _clean_errors() -> tuple[type[Exception], ...]:
@@ -125,7 +128,13 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
         sigint = summary.get("error") == "KeyboardInterrupt"
         saved = "the last periodic checkpoint is kept" if sigint else "checkpoint saved"
         print(f"[opd-exp] {run_dir}: interrupted; {saved}; run the same command again to resume", file=sys.stderr)
-        sys.exit(EXIT_SIGINT if sigint else EXIT_INTERRUPTED)
+        code = EXIT_SIGINT if sigint else EXIT_INTERRUPTED
+        if os.environ.get(LAUNCHER_PID, str(os.getpid())) != str(os.getpid()):
+            # a sweep's worker process (joblib/loky): it would catch SystemExit and idle on; end it so the
+            # launching process (_forward_sigterm) sees its cells are done
+            sys.stderr.flush()
+            os._exit(code)
+        sys.exit(code)
     if summary["status"] == "failed" and not multirun:
         sys.exit(EXIT_FAILED)
     return summary
@@ -213,7 +222,57 @@ def check_cli_keys(argv: list[str]) -> list[str]:
     return argv
 
 
+def descendant_pids(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first), read from /proc; [] where there is no /proc."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # exited while we read
+        if fields[0] != "Z":
+            parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """The process ignores SIGTERM (SigIgn in /proc/<pid>/status), as multiprocessing's resource tracker does:
+    it ends when the process that started it does."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    mask = next((int(line.split()[1], 16) for line in lines if line.startswith("SigIgn:")), 0)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+def _forward_sigterm(signum, frame) -> None:
+    """SIGTERM to the launching process of a sweep: pass it on to the cells' worker processes (joblib/loky
+    workers would otherwise train on, orphaned), give them a minute to checkpoint and write their summaries
+    (status: interrupted), then exit 143. A cell running in this process has its own handler meanwhile
+    (opd_exp/train.py), so this one only sees the signal between cells or in a parallel launcher."""
+    workers = [pid for pid in descendant_pids(os.getpid()) if not ignores_sigterm(pid)]
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 60
+    while time.time() < deadline and set(workers) & set(descendant_pids(os.getpid())):
+        time.sleep(0.2)
+    print(f"[opd-exp] SIGTERM: passed on to {len(workers)} worker process(es); rerun the same command to resume",
+          file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
+
+
 def main() -> None:
+    os.environ[LAUNCHER_PID] = str(os.getpid())  # inherited by a parallel launcher's worker processes
+    signal.signal(signal.SIGTERM, _forward_sigterm)
     try:
         sys.argv[1:] = check_torchrun_args(check_cli_keys(sys.argv[1:]))
     except ConfigError as err:

@@ -12,9 +12,11 @@ import json
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 import typing
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opd_exp import bootstrap, rundir
+from opd_exp.__main__ import descendant_pids
 from opd_exp.config import RunConfig, load_run_config
 from opd_exp.estimators import ESTIMATORS, EstimatorSpec
 from opd_exp.validation import ConfigError
@@ -75,6 +78,40 @@ def test_sigterm_checkpoints_exits_143_and_rerun_resumes(smoke, reference_run, t
     assert "resuming" in capsys.readouterr().out
     assert smoke.metrics(run_dir) == smoke.metrics(reference_run)
     assert smoke.summary(run_dir)["results"] == smoke.summary(reference_run)["results"]
+
+
+def alive(pid: int) -> bool:
+    """Running (not exited, not a zombie awaiting its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_sigterm_to_a_parallel_sweep_reaches_its_workers(smoke, tmp_path):
+    """joblib runs the cells in worker processes: SIGTERM to the launching process must stop them too (not
+    leave them training, orphaned), each cell checkpointed and marked interrupted, so a rerun resumes."""
+    sweep = tmp_path / "sweep"
+    argv = smoke.argv("seed=0,1", "train.steps=500", "hydra/launcher=local_parallel", "threads=1",
+                      sweep_dir=sweep)
+    proc = subprocess.Popen(argv, cwd=smoke.root, env=smoke.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    training = lambda: sum(bool(rundir.read_metrics(d)) for d in sweep.glob("*") if d.is_dir()) == 2  # noqa: E731
+    smoke.wait_for(training, proc, "both cells training")
+    workers = descendant_pids(proc.pid)
+    assert workers
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    # no worker outlives the sweep (orphans would train on); the resource tracker ends just after its parent
+    deadline = time.time() + 15
+    while [pid for pid in workers if alive(pid)] and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if alive(pid)]
+    cells = [d for d in sweep.glob("*") if (d / "run_summary.json").exists()]
+    statuses = [smoke.summary(d)["status"] for d in cells]
+    assert statuses == ["interrupted", "interrupted"], err[-3000:]
+    assert all(ckpt_step(d) == smoke.summary(d)["interrupted_at_step"] < 500 for d in cells)
 
 
 def test_same_seed_gives_identical_metrics_across_processes(smoke, reference_run, sweep4):
