@@ -7,7 +7,7 @@ Usage:
     opd-exp experiment=toy_gamma                    # an experiment file from conf/experiment/
     python -m opd_exp --help                        # config groups and every key
     torchrun --standalone --nproc_per_node 2 -m opd_exp threads=1 hydra.run.dir=outputs/ddp
-                                                    # one run, data-parallel over 2 processes (opd_exp/distributed.py)
+                                                    # one run, data-parallel over 2 processes (train/distributed.py)
 
 Each run writes config.yaml, metrics.jsonl and run_summary.json into its Hydra output dir; a finished run dir is
 skipped unless overwrite=true (which clears it and trains from scratch); an unfinished one (killed, pre-empted,
@@ -41,13 +41,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_exp import rundir
 from opd_exp.config import RunConfig, load_run_config
-from opd_exp.validation import ConfigError
+from opd_exp.config.validation import ConfigError
+from opd_exp.processes import EXIT_INTERRUPTED, forward_sigterm
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 # runner name -> "module:function"; each takes (RunConfig, run_dir) and returns {"status", "results", ...}
 RUNNERS = {
-    "opd": "opd_exp.train:run",
+    "opd": "opd_exp.train.loop:run",
     "toy_gamma": "opd_exp.toy.gamma:run",
     "toy_exact": "opd_exp.toy.exact:run",
 }
@@ -58,15 +59,15 @@ def _runner(name: str):
     return getattr(importlib.import_module(module), func)
 
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_SIGINT, EXIT_INTERRUPTED = 1, 2, 130, 143
+EXIT_FAILED, EXIT_CONFIG, EXIT_SIGINT = 1, 2, 130
 LAUNCHER_PID = "OPD_EXP_LAUNCHER_PID"  # env: the pid of the process that launched the run or sweep
 
 
 def _clean_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says everything (a field, or a file and its problem): printed as one line, never
     as a traceback. Imported lazily: a bad config must fail before torch is imported."""
-    from opd_exp.checkpoint import CheckpointError
-    from opd_exp.models import ModelLoadError
+    from opd_exp.models.pair import ModelLoadError
+    from opd_exp.train.checkpoint import CheckpointError
 
     return ConfigError, ModelLoadError, CheckpointError
 
@@ -131,7 +132,7 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
         code = EXIT_SIGINT if sigint else EXIT_INTERRUPTED
         if os.environ.get(LAUNCHER_PID, str(os.getpid())) != str(os.getpid()):
             # a sweep's worker process (joblib/loky): it would catch SystemExit and idle on; end it so the
-            # launching process (_forward_sigterm) sees its cells are done
+            # launching process (opd_exp.processes.forward_sigterm) sees its cells are done
             sys.stderr.flush()
             os._exit(code)
         sys.exit(code)
@@ -152,14 +153,14 @@ def _ranks() -> tuple[int, int]:
 def _tell_other_ranks(decision: str) -> None:
     """Rank 0 tells the others (follow()) whether it runs the run dir or skips it."""
     if _ranks()[1] > 1:
-        from opd_exp import distributed  # imports torch: only once a bad config had its chance to fail fast
+        from opd_exp.train import distributed  # imports torch: only once a bad config had its chance to fail fast
 
         distributed.broadcast(decision)
 
 
 def follow(cfg_node: DictConfig, run_dir: Path) -> None:
     """A rank > 0: trains beside rank 0, which alone writes the run dir and decides to skip or (re)start it."""
-    from opd_exp import distributed
+    from opd_exp.train import distributed
 
     try:
         cfg = load_run_config(cfg_node)
@@ -186,7 +187,7 @@ def hydra_main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     if _ranks()[1] > 1:
-        from opd_exp import distributed
+        from opd_exp.train import distributed
 
         distributed.init()
         if _ranks()[0] > 0:
@@ -202,7 +203,7 @@ def check_cli_keys(argv: list[str]) -> list[str]:
     import dataclasses
     import typing
 
-    from opd_exp.validation import closest
+    from opd_exp.config.validation import closest
 
     for arg in argv:
         key, eq, value = arg.partition("=")
@@ -222,57 +223,9 @@ def check_cli_keys(argv: list[str]) -> list[str]:
     return argv
 
 
-def descendant_pids(pid: int) -> list[int]:
-    """Every live process below ``pid`` (children first), read from /proc; [] where there is no /proc."""
-    parent_of: dict[int, int] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
-        except (OSError, IndexError):
-            continue  # exited while we read
-        if fields[0] != "Z":
-            parent_of[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
-    while frontier:
-        children = [c for c, parent in parent_of.items() if parent in frontier]
-        found += children
-        frontier = children
-    return found
-
-
-def ignores_sigterm(pid: int) -> bool:
-    """The process ignores SIGTERM (SigIgn in /proc/<pid>/status), as multiprocessing's resource tracker does:
-    it ends when the process that started it does."""
-    try:
-        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
-    except OSError:
-        return False
-    mask = next((int(line.split()[1], 16) for line in lines if line.startswith("SigIgn:")), 0)
-    return bool(mask & (1 << (signal.SIGTERM - 1)))
-
-
-def _forward_sigterm(signum, frame) -> None:
-    """SIGTERM to the launching process of a sweep: pass it on to the cells' worker processes (joblib/loky
-    workers would otherwise train on, orphaned), give them a minute to checkpoint and write their summaries
-    (status: interrupted), then exit 143. A cell running in this process has its own handler meanwhile
-    (opd_exp/train.py), so this one only sees the signal between cells or in a parallel launcher."""
-    workers = [pid for pid in descendant_pids(os.getpid()) if not ignores_sigterm(pid)]
-    for pid in workers:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 60
-    while time.time() < deadline and set(workers) & set(descendant_pids(os.getpid())):
-        time.sleep(0.2)
-    print(f"[opd-exp] SIGTERM: passed on to {len(workers)} worker process(es); rerun the same command to resume",
-          file=sys.stderr)
-    sys.exit(EXIT_INTERRUPTED)
-
-
 def main() -> None:
     os.environ[LAUNCHER_PID] = str(os.getpid())  # inherited by a parallel launcher's worker processes
-    signal.signal(signal.SIGTERM, _forward_sigterm)
+    signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         sys.argv[1:] = check_torchrun_args(check_cli_keys(sys.argv[1:]))
     except ConfigError as err:

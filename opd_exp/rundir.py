@@ -4,7 +4,7 @@ A run dir (Hydra's output dir) holds:
     config.yaml        the resolved config
     metrics.jsonl      one JSON object per line: {"step": int, "<ns>/<name>": float, ...}, ns in train/eval/diag
     run_summary.json   status, results, wall time, seed, provenance (written atomically, updated at the end)
-    checkpoints/       the training state (see opd_exp.checkpoint)
+    checkpoints/       the training state (see opd_exp.train.checkpoint)
 
 ``run_summary.json`` schema (the report reads only this and metrics.jsonl):
     status:      "running" | "completed" | "failed" | "diverged" | "interrupted"

@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from opd_exp.config import EstimatorConfig
-from opd_exp.estimators import ESTIMATORS, EstimatorBatch, Needs, TeacherScores
+from opd_exp.objectives.estimators import ESTIMATORS, EstimatorBatch, Needs, TeacherScores
 
 CONFIGS = {  # bench name -> EstimatorConfig fields
     "sampled_token": dict(name="sampled_token"),

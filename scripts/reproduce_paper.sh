@@ -123,7 +123,7 @@ for name in "${EXPERIMENTS[@]}"; do
   run_part "$name" sweep "$PYTHON" -m opd_exp "${args[@]}"
   case "$name" in
     toy_gamma|toy_exact) ;;  # one report for both toy sweeps, below
-    *) run_part "$name" report "$PYTHON" -m opd_exp.report "$SWEEP_ROOT/$name" --out "$RESULTS_ROOT/$name" ;;
+    *) run_part "$name" report "$PYTHON" -m opd_exp.report.cli "$SWEEP_ROOT/$name" --out "$RESULTS_ROOT/$name" ;;
   esac
 done
 # the toy study's two sweeps share one report: results/toy/
@@ -132,6 +132,6 @@ for name in toy_gamma toy_exact; do [ -d "$SWEEP_ROOT/$name" ] && TOY_SWEEPS+=("
 case " ${EXPERIMENTS[*]} " in
   *" toy_gamma "*|*" toy_exact "*)
     [ "${#TOY_SWEEPS[@]}" -gt 0 ] || [ "$DRY_RUN" = 1 ] && \
-      run_part toy report "$PYTHON" -m opd_exp.report "${TOY_SWEEPS[@]}" --out "$RESULTS_ROOT/toy" ;;
+      run_part toy report "$PYTHON" -m opd_exp.report.cli "${TOY_SWEEPS[@]}" --out "$RESULTS_ROOT/toy" ;;
 esac
 echo "[reproduce_paper] done in $((SECONDS - TOTAL_START)) s; timings in $TIMINGS"

@@ -163,7 +163,7 @@ class Smoke:
 @pytest.fixture(scope="session")
 def smoke(tmp_path_factory) -> Smoke:
     """Bootstraps the smoke pair once per session into a temp cache (``OPD_EXP_CACHE``, restored after)."""
-    from opd_exp.bootstrap import ensure_tiny_pair
+    from opd_exp.models.bootstrap import ensure_tiny_pair
 
     root = tmp_path_factory.mktemp("smoke")
     (root / "conf" / "experiment").mkdir(parents=True)

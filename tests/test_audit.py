@@ -1,4 +1,4 @@
-"""Tokenizer audit and side-by-side scorer on hand-built tokenizers and tiny random models (opd_exp/audit.py)."""
+"""Tokenizer audit and side-by-side scorer on hand-built tokenizers and tiny random models (opd_exp/models/audit.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from opd_exp import audit as A
+from opd_exp.models import audit as A
 
 # "<think>", "</think>" and "<|im_end|>" are in the base vocabulary, so registering them as special tokens on one
 # side changes how text splits without changing the token -> id map.

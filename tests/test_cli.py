@@ -73,7 +73,7 @@ def test_bad_config_stops_before_any_work_naming_field_value_and_allowed(smoke, 
 
 def test_topk_rkl_default_k_fits_the_default_pair(smoke):
     """`opd-exp estimator=topk_rkl` must run on the default pair (spine issue): K within its vocabulary."""
-    from opd_exp.tokenization import build_tokenizer
+    from opd_exp.models.tokenization import build_tokenizer
 
     assert smoke.run_config("estimator=topk_rkl").estimator.top_k <= len(build_tokenizer())
 

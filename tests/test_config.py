@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from opd_exp.config import RunConfig, load_run_config
-from opd_exp.validation import ConfigError
+from opd_exp.config.validation import ConfigError
 
 
 def test_defaults_validate():

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from opd_exp.config import load_run_config
-from opd_exp.report import report_spec
+from opd_exp.report.cli import report_spec
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted({p.parent.relative_to(CONF).parts[0] for p in CONF.glob("*/**/*.yaml")} - {"hydra", "experiment"})
@@ -138,5 +138,5 @@ def test_reproduce_script_dry_run_names_each_sweep_and_report():
     out = subprocess.run(["bash", str(script), "math_main", "lr_tune"], env=env, capture_output=True, text=True,
                          timeout=60, check=True).stdout
     assert "-m opd_exp experiment=math_main hydra.sweep.dir=multirun/smoke/math_main" in out
-    assert "-m opd_exp.report multirun/smoke/lr_tune --out outputs/smoke/results/lr_tune" in out
+    assert "-m opd_exp.report.cli multirun/smoke/lr_tune --out outputs/smoke/results/lr_tune" in out
     assert "model.bootstrap]" in out  # the scale's keys are left out of the cells' dir names

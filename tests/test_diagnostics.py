@@ -1,4 +1,4 @@
-"""Diagnostics on hand-built tensors with known answers (opd_exp/diagnostics.py)."""
+"""Diagnostics on hand-built tensors with known answers (opd_exp/train/diagnostics.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from opd_exp import diagnostics as D
+from opd_exp.train import diagnostics as D
 
 
 def as_float(x) -> torch.Tensor | None:

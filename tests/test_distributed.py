@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from opd_exp import distributed
 from opd_exp.__main__ import check_torchrun_args
-from opd_exp.train import check_against_world
-from opd_exp.validation import ConfigError
+from opd_exp.config.validation import ConfigError
+from opd_exp.train import distributed
+from opd_exp.train.loop import check_against_world
 
 # full_rkl (the exact per-token KL: the least noisy loss) at a learning rate that makes the curve fall ~8x in 8 steps
 SETTINGS = ("estimator=full_rkl", "train.steps=8", "train.lr=1e-2", "train.diag_every=0", "train.checkpoint_every=0",

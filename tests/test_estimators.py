@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from opd_exp.config import EstimatorConfig
-from opd_exp.estimators import (
+from opd_exp.config.validation import ConfigError
+from opd_exp.objectives.estimators import (
     ESTIMATORS,
     EstimatorBatch,
     TeacherScores,
@@ -19,7 +20,6 @@ from opd_exp.estimators import (
     full_divergence_BT,
     selected_logprobs,
 )
-from opd_exp.validation import ConfigError
 
 F64 = torch.float64
 

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from opd_exp.evaluate import mean_ci, pass_at_k, wilson_ci
+from opd_exp.train.evaluate import mean_ci, pass_at_k, wilson_ci
 
 
 def brute_force_pass_at_k(outcomes: list[bool], k: int) -> float:

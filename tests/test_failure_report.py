@@ -1,4 +1,4 @@
-"""opd_exp.failure_report on hand-built `failure_modes` run dirs whose numbers are known by construction.
+"""opd_exp.report.failure on hand-built `failure_modes` run dirs whose numbers are known by construction.
 
 Each fixture run dir holds what the loop writes (config.yaml, run_summary.json, metrics.jsonl and the raw
 per-token samples diag/samples_step{0,4}.npz) for one (pair, cell, seed):
@@ -23,8 +23,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from opd_exp import failure_report, report
-from opd_exp import runs as runs_mod
+from opd_exp.report import cli as report
+from opd_exp.report import failure as failure_report
+from opd_exp.report import runs as runs_mod
 
 ROWS, LENGTH = 4, 12  # responses per batch, tokens per response
 THINK_OPEN, THINK_CLOSE, END = 6, 7, 2  # ids of <think>, </think>, <|im_end|> in the tiny vocabulary

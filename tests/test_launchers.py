@@ -14,7 +14,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from opd_exp import report, rundir
+from opd_exp import rundir
+from opd_exp.report import cli as report
 
 SWEEP = ("estimator=sampled_token,full_rkl", "train.steps=2", "train.diag_every=0", "train.checkpoint_every=0",
          "eval.teacher=false")

@@ -1,10 +1,10 @@
-"""Special-token and entropy masks (opd_exp/masks.py)."""
+"""Special-token and entropy masks (opd_exp/objectives/masks.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from opd_exp.masks import entropy_BT, entropy_top_q_mask, special_token_mask_BT
+from opd_exp.objectives.masks import entropy_BT, entropy_top_q_mask, special_token_mask_BT
 
 TOKENS = torch.tensor([[5, 7, 5, 9, 7, 5, 0, 0],
                        [1, 2, 3, 4, 5, 6, 7, 8],

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from opd_exp.config import TaskConfig
+from opd_exp.config.validation import ConfigError
+from opd_exp.models.tokenization import EOS, THINK_CLOSE, THINK_OPEN, build_tokenizer
 from opd_exp.tasks.math import MathTask, make_trace, parse_expression
-from opd_exp.tokenization import EOS, THINK_CLOSE, THINK_OPEN, build_tokenizer
-from opd_exp.validation import ConfigError
 
 SPLITS = {"id": {}, "long": {"min_ops": 5, "max_ops": 6}, "wide": {"max_operand": 19}}
 

@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from opd_exp import bootstrap
-from opd_exp.bootstrap import COMPLETE, cache_key, ensure_tiny_pair, entry_dir, parse_bootstrap
 from opd_exp.config import ModelConfig, TaskConfig
-from opd_exp.models import ModelLoadError, load_checkpoint, load_pair, load_tokenizer
-from opd_exp.tokenization import build_tokenizer
-from opd_exp.validation import ConfigError
+from opd_exp.config.validation import ConfigError
+from opd_exp.models import bootstrap
+from opd_exp.models.bootstrap import COMPLETE, cache_key, ensure_tiny_pair, entry_dir, parse_bootstrap
+from opd_exp.models.pair import ModelLoadError, load_checkpoint, load_pair, load_tokenizer
+from opd_exp.models.tokenization import build_tokenizer
 
 TINY_MEMBER = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "sft_steps": 2, "batch_size": 4,
                "warmup_steps": 1}

@@ -23,11 +23,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from opd_exp import bootstrap, rundir
-from opd_exp.__main__ import descendant_pids
+from opd_exp import rundir
 from opd_exp.config import RunConfig, load_run_config
-from opd_exp.estimators import ESTIMATORS, EstimatorSpec
-from opd_exp.validation import ConfigError
+from opd_exp.config.validation import ConfigError
+from opd_exp.models import bootstrap
+from opd_exp.objectives.estimators import ESTIMATORS, EstimatorSpec
+from opd_exp.processes import descendant_pids
 
 CKPT = "checkpoints/last.pt"
 
@@ -255,8 +256,8 @@ def test_k_larger_than_the_vocabulary_fails_once_the_pair_is_loaded(smoke, tmp_p
 def test_tokenizer_audit_passes_identical_warns_on_special_tokens_stops_on_vocabulary(caplog):
     from types import SimpleNamespace
 
-    from opd_exp.tokenization import ALT_EOS, Convention, build_tokenizer
-    from opd_exp.train import check_pair_tokenizers
+    from opd_exp.models.tokenization import ALT_EOS, Convention, build_tokenizer
+    from opd_exp.train.loop import check_pair_tokenizers
 
     task = SimpleNamespace(convention=Convention())
     check_pair_tokenizers(SimpleNamespace(teacher_tokenizer=build_tokenizer(), tokenizer=build_tokenizer()), task)
@@ -391,7 +392,7 @@ def fake_training(smoke, monkeypatch):
 
 
 def test_concurrent_bootstraps_of_one_pair_train_it_once(smoke, tmp_path, fake_training):
-    from opd_exp.models import load_pair
+    from opd_exp.models.pair import load_pair
 
     cfg = smoke.run_config(f"model.cache_dir={tmp_path / 'cache'}")
     barrier, entries, errors = threading.Barrier(2), [], []

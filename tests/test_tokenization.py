@@ -3,8 +3,7 @@
 import pytest
 
 from opd_exp.config import TaskConfig
-from opd_exp.tasks.math import MathTask
-from opd_exp.tokenization import (
+from opd_exp.models.tokenization import (
     ASSISTANT,
     BOS,
     CHARS,
@@ -17,6 +16,7 @@ from opd_exp.tokenization import (
     build_tokenizer,
     resolve_token_ids,
 )
+from opd_exp.tasks.math import MathTask
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from opd_exp.config import RunConfig
+from opd_exp.config.validation import ConfigError
 from opd_exp.toy import exact, gamma, report
 from opd_exp.toy.env import MirrorTasks, final_distance, rollout, visitation
 from opd_exp.toy.estimators import microbatch_grad_variance, output_layer_grads, reward_to_go, surrogate_per_traj
@@ -26,7 +27,6 @@ from opd_exp.toy.tabular import (
     make_pair,
     sample_sequences,
 )
-from opd_exp.validation import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 

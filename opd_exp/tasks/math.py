@@ -22,8 +22,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from opd_exp.config import TaskConfig
-from opd_exp.tokenization import DEFAULT_CONVENTION, Convention
-from opd_exp.validation import ConfigError
+from opd_exp.config.validation import ConfigError
+from opd_exp.models.tokenization import DEFAULT_CONVENTION, Convention
 
 SPLIT_KNOBS = ("min_ops", "max_ops", "max_operand")
 EXPR_RE = re.compile(r"^\s*(?:Q:)?\s*([0-9]+(?:\s*[+-]\s*[0-9]+)*)\s*(?:=\s*\??)?\s*$")

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from opd_exp.config import RunConfig
+from opd_exp.config.validation import ConfigError, spec, validate
 from opd_exp.rundir import MetricsLog, atomic_write_json
 from opd_exp.toy.tabular import TabularPair, enumerated_moments, exact_expected_g, g_gamma, make_pair, sample_sequences
-from opd_exp.validation import ConfigError, spec, validate
 
 
 @dataclass

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from opd_exp.config import RunConfig
+from opd_exp.config.validation import ConfigError, spec, validate
 from opd_exp.rundir import MetricsLog
 from opd_exp.toy.env import TASKS, MirrorTasks, final_distance, rollout, visitation
 from opd_exp.toy.estimators import microbatch_grad_variance, output_layer_grads, surrogate_per_traj
 from opd_exp.toy.policy import GaussianMLP, gaussian_kl, gaussian_logprob, n_params
 from opd_exp.toy.teachers import TeacherSpec, load_or_train, teacher_distance
-from opd_exp.validation import ConfigError, spec, validate
 
 
 @dataclass

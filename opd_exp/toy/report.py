@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from opd_exp.report.runs import shown_path
 from opd_exp.rundir import atomic_write_text, git_commit, read_summary
-from opd_exp.runs import shown_path
 from opd_exp.toy import report_exact, report_gamma
 from opd_exp.toy.stats import to_markdown
 

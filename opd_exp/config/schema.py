@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from opd_exp.validation import ConfigError, spec, validate
+from opd_exp.config.validation import ConfigError, spec, validate
 
 ESTIMATOR_NAMES = ["sampled_token", "seq_rkl", "full_rkl", "forward_kl", "jsd", "topk_rkl", "seq_kd"]
 RUNNER_NAMES = ["opd", "toy_gamma", "toy_exact"]
@@ -30,7 +30,10 @@ class EstimatorConfig:
     add_sampled: bool = spec(False, "append the sampled token to the support when outside top-K")
     normalize: str = spec("renormalized", "renormalise both models over the support, or use full log-probs",
                           choices=["renormalized", "none"])
-    tail: str = spec("none", "tail term outside the support", choices=["none", "sampled_is", "bucket"])
+    tail: str = spec("none", "tail term outside the support: sampled_is (importance-weighted by the sampler's "
+                     "log-probs, the paper's text), sampled_is_official (the official code's biased "
+                     "sg(log p - log q) exp(lp - sg lp)), bucket (one tail bucket)",
+                     choices=["none", "sampled_is", "sampled_is_official", "bucket"])
     beta: float = spec(0.5, "generalised JSD mixture weight: 0 forward KL, 1 reverse KL", ge=0.0, le=1.0)
     chunk_size: int = spec(1024, "positions per chunk for full-vocabulary losses", ge=1)
     entropy_top_q: float = spec(1.0, "train only on this fraction of highest-entropy tokens (1 = off)",
@@ -76,7 +79,7 @@ class ModelConfig:
     tokenizer_path: str | None = spec(None, "tokenizer dir; default: the student's")
     dtype: str = spec("float32", "parameter dtype", choices=["float32", "bfloat16", "float16"])
     special_tokens: list[Any] = spec(default_factory=list, doc="default tokens for special-token masking")
-    bootstrap: dict = spec(default_factory=dict, doc="tiny-pair bootstrap settings (see opd_exp.bootstrap)")
+    bootstrap: dict = spec(default_factory=dict, doc="tiny-pair bootstrap settings (see opd_exp.models.bootstrap)")
     cache_dir: str = spec("~/.cache/opd_exp", "where bootstrapped pairs are cached (keyed by config hash)")
 
 
@@ -88,6 +91,7 @@ class SamplingConfig:
     top_p: float = spec(1.0, "nucleus mass kept (1 = full distribution)", gt=0.0, le=1.0)
     rollouts_per_prompt: int = spec(4, "rollouts sampled per prompt", ge=1)
     max_new_tokens: int = spec(64, "response length cap; longer rollouts are truncated", ge=1)
+    backend: str = spec("hf", "rollout backend (opd_exp.rollout): hf = transformers generate", choices=["hf"])
 
 
 @dataclass

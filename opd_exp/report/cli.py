@@ -4,14 +4,14 @@ Usage:
     opd-exp-report multirun/math_main                       # -> results/math_main/
     opd-exp-report multirun/*                               # every experiment found -> results/<experiment>/
     opd-exp-report 'multirun/math_main/*recipe=ours*' --out /tmp/ours_only
-    python -m opd_exp.report multirun/ablation_k_topp
+    python -m opd_exp.report.cli multirun/ablation_k_topp
 
 Arguments are sweep dirs, run dirs or globs: every directory under them holding a run_summary.json or a
 .hydra/config.yaml is a run. Runs are grouped by experiment, then into cells by their overrides minus the seed;
 seeds are aggregated into mean, a 95% t-interval (n - 1 degrees of freedom; n = 1 gives none) and n. Failed and
 unfinished cells are listed in README.md with their error's last line, never fatal. With several experiments
 and --out, each goes to <out>/<experiment>/. Toy-study runs (runner toy_gamma / toy_exact) go to
-opd_exp.toy.report.write_toy_report; `failure_modes` runs also go to opd_exp.failure_report.write_failure_report
+opd_exp.toy.report.write_toy_report; `failure_modes` runs also go to opd_exp.report.failure.write_failure_report
 (its figures, tables and verdicts open the README).
 
 Layout: the experiment's `report:` block (conf/experiment/<name>.yaml) mirrors the paper's rows x columns:
@@ -56,15 +56,16 @@ import math
 import sys
 import traceback
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from opd_exp.claims import WHO, ClaimSpec, SideSpec, claims_frame, claims_markdown, evaluate_claim
-from opd_exp.report_figures import bar_figure, curve_figure, x_figure
-from opd_exp.runs import (
+from opd_exp.config.validation import ConfigError, spec, validate
+from opd_exp.report.claims import WHO, ClaimSpec, SideSpec, claims_frame, claims_markdown, evaluate_claim
+from opd_exp.report.figures import bar_figure, curve_figure, x_figure
+from opd_exp.report.runs import (
     FINISHED,
     Run,
     cell_label,
@@ -76,11 +77,11 @@ from opd_exp.runs import (
     shown_path,
     varying_keys,
 )
-from opd_exp.stats import Stat, mean_ci
-from opd_exp.validation import ConfigError, spec, validate
+from opd_exp.report.stats import Stat, mean_ci
+from opd_exp.report.table import Table
 
 TOY_RUNNERS = ("toy_gamma", "toy_exact")
-FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.failure_report (figures and verdicts)
+FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.report.failure (figures and verdicts)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 DEFAULT_CURVES = ["train/loss", "train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy"]
 CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom); "
@@ -131,21 +132,6 @@ def report_spec(runs: list[Run]) -> ReportSpec | None:
 
 
 # ----------------------------------------------------------------------------- tables
-
-@dataclass
-class Table:
-    """A laid-out table: rows x columns of Stat, plus where each row came from."""
-
-    name: str
-    title: str
-    metric: str
-    columns: list[str]
-    cells: dict[str, dict[str, Stat]] = field(default_factory=dict)  # row label -> column -> Stat
-    row_runs: dict[str, list[Run]] = field(default_factory=dict)  # row label -> student_after runs (curves)
-    notes: list[str] = field(default_factory=list)
-    x_key: str | None = None
-    marks: set = field(default_factory=set)  # (row, column) cells marked * (a pivot's best column)
-
 
 def matches(run: Run, where: dict) -> bool:
     """Every key has the given value (or one of the given values, when a list)."""
@@ -527,7 +513,7 @@ def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> 
     title = spec_.title if spec_ and spec_.title else name
     body = [f"# {title} (`{name}`)", ""] if not toy_written else ["", "---", "", f"# Runs of `{name}`", ""]
     if name == FAILURE_EXPERIMENT and opd:
-        from opd_exp.failure_report import write_failure_report
+        from opd_exp.report.failure import write_failure_report
 
         body += write_failure_report(opd, out)
     if opd:

@@ -123,7 +123,7 @@ def check_vocab(model, tokenizer, role: str, path: Path) -> None:
 def pair_paths(model_cfg: ModelConfig, task_cfg: TaskConfig) -> tuple[Path, Path, Path]:
     """(teacher dir, student dir, student-tokenizer dir); bootstraps the tiny pair when needed."""
     if model_cfg.kind == "tiny":
-        from opd_exp.bootstrap import ensure_tiny_pair
+        from opd_exp.models.bootstrap import ensure_tiny_pair
 
         entry = ensure_tiny_pair(model_cfg, task_cfg)
         return entry / "teacher", entry / "student", entry / "tokenizer"

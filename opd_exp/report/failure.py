@@ -5,7 +5,7 @@
 opd-exp-report hands the runs of the `failure_modes` experiment here (:func:`write_failure_report`), then adds
 its own provenance, generic tables and cell list to the same README. Inputs per run dir: config.yaml,
 run_summary.json, metrics.jsonl (``diag/...`` keys every ``train.diag_every`` steps) and the raw per-token
-samples ``diag/samples_step{0,last}.npz`` (opd_exp/diagnostics.py).
+samples ``diag/samples_step{0,last}.npz`` (opd_exp/train/diagnostics.py).
 
 Cells are (pair, estimator, rollout top-p, mask), read from each run's resolved config; seeds are the
 replicates. Every number is a mean over seeds with a 95% t-interval (opd_exp.stats.mean_ci); comparisons
@@ -38,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from opd_exp import rundir
-from opd_exp.report_figures import curve_stats, pyplot
-from opd_exp.runs import Run
-from opd_exp.stats import Stat, mean_ci
+from opd_exp.report.figures import curve_stats, pyplot
+from opd_exp.report.runs import Run
+from opd_exp.report.stats import Stat, mean_ci
 
 MISMATCH_NATS = 5.0  # a special-token gap beyond this is a convention mismatch (audit.format_side_by_side flags it)
 N_BUCKETS = 4  # relative-position buckets (quarters of each response), as the diagnostics log them
@@ -113,11 +113,11 @@ def log_probs(s: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 def pair_tokenizer(run: Run):
     """The run's (student) tokenizer without loading any model: the in-repo one for tiny pairs."""
     if run.lookup("model.kind") == "tiny":
-        from opd_exp.tokenization import build_tokenizer
+        from opd_exp.models.tokenization import build_tokenizer
 
         return build_tokenizer()
     try:
-        from opd_exp.models import load_tokenizer
+        from opd_exp.models.pair import load_tokenizer
 
         return load_tokenizer(run.lookup("model.tokenizer_path") or run.lookup("model.student_path"))
     except Exception:  # a report must not need the checkpoints; ids are shown as numbers then
@@ -304,7 +304,7 @@ def find_loop(cells: dict[Cell, list[Run]], max_period: int = 8, min_repeats: in
     """The first saved response with a repetition loop (baseline cells first, last step before first):
     (cell, seed, step, token ids, teacher probs, student probs, loop mask), or None. Only responses kept
     whole by the samples' subsampling are searched."""
-    from opd_exp.diagnostics import repeat_loop_mask
+    from opd_exp.train.diagnostics import repeat_loop_mask
 
     order = sorted(cells.items(), key=lambda kv: not kv[0].is_baseline)
     for which in ("last", "first"):
@@ -502,7 +502,7 @@ def verdict_lines(pairs: list[str], cells: dict[Cell, list[Run]], m1: dict, m2: 
     fix = lambda c: c.is_fix  # noqa: E731
     base = lambda c: c.is_baseline  # noqa: E731
     trunc = truncation(cells)
-    lines = ["## Verdicts", "", "Rules (fixed in opd_exp/failure_report.py before the runs were read): mean over "
+    lines = ["## Verdicts", "", "Rules (fixed in opd_exp/report/failure.py before the runs were read): mean over "
              "seeds [95% t-interval] (n seeds); \"fix\" = topk_rkl on top-p 0.9 rollouts with special-token "
              "masking; differences are paired by seed.", ""]
     for pair in pairs:

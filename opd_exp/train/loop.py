@@ -9,7 +9,7 @@
 
 The loop never branches on the estimator's name. A run resumes bit-exactly from its last checkpoint; SIGTERM
 checkpoints and exits with status "interrupted"; non-finite losses or gradients skip the update. Under torchrun the
-loop runs data-parallel: prompts sharded across ranks, gradients averaged, rank 0 writing (opd_exp/distributed.py).
+loop runs data-parallel: prompts sharded across ranks, gradients averaged, rank 0 writing (opd_exp/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -28,20 +28,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from opd_exp import checkpoint, distributed, rundir
-from opd_exp.audit import audit_tokenizers, check_pair_compatible
+from opd_exp import rundir
 from opd_exp.config import RunConfig
-from opd_exp.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
-from opd_exp.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
-from opd_exp.evaluate import evaluate_model
-from opd_exp.masks import entropy_top_q_mask, special_token_mask_BT
-from opd_exp.models import ModelPair, load_pair, pair_paths
-from opd_exp.rollout import Rollout, completion_logits, rollout, stop_ids
-from opd_exp.scoring import score_student_old, score_teacher
+from opd_exp.config.validation import ConfigError
+from opd_exp.models.audit import audit_tokenizers, check_pair_compatible
+from opd_exp.models.pair import ModelPair, load_pair, pair_paths
+from opd_exp.models.tokenization import resolve_token_ids
+from opd_exp.objectives.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
+from opd_exp.objectives.masks import entropy_top_q_mask, special_token_mask_BT
+from opd_exp.rollout.hf import Rollout, completion_logits, rollout, stop_ids
 from opd_exp.tasks.math import MathTask
-from opd_exp.tokenization import resolve_token_ids
-from opd_exp.tracking import Tracker
-from opd_exp.validation import ConfigError
+from opd_exp.train import checkpoint, distributed
+from opd_exp.train.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
+from opd_exp.train.evaluate import evaluate_model
+from opd_exp.train.scoring import score_student_old, score_teacher
+from opd_exp.train.tracking import Tracker
 
 # ----------------------------------------------------------------------------- setup
 
@@ -280,7 +281,7 @@ def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dic
 
 
 def check_pair_tokenizers(pair: ModelPair, task: MathTask) -> None:
-    """Audit the teacher's tokenizer against the student's before training (failure mode 3, opd_exp.audit).
+    """Audit the teacher's tokenizer against the student's before training (failure mode 3, opd_exp.models.audit).
 
     An identical pair passes silently; a shared vocabulary with other mismatches (EOS, special tokens, template,
     how the task's markers split) logs the audit's report and trains on; different vocabularies stop the run,
@@ -333,7 +334,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         else:
             before = evaluate_pair_before(pair, task, cfg) if distributed.is_main() else {}
             start, state = 0, {"before": before, "nonfinite_total": 0, "nonfinite_streak": 0}
-        # data-parallel: rank 0 alone writes the run dir and evaluates (opd_exp.distributed)
+        # data-parallel: rank 0 alone writes the run dir and evaluates (opd_exp.train.distributed)
         tracker = Tracker(run_dir, cfg, resume_step=start) if distributed.is_main() else _NoTracker()
 
         def save(step: int) -> None:

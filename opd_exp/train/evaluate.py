@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from opd_exp.config import EvalConfig, SamplingConfig
-from opd_exp.rollout import rollout, stop_ids
+from opd_exp.rollout.hf import rollout, stop_ids
 
 Z95 = 1.959963984540054
 

@@ -1,7 +1,7 @@
 """What the loop computes from the models for an estimator: exactly the tensors its ``Needs`` ask for.
 
 The teacher scores the student's own tokens. Caveat (the paper's failure mode 3): this assumes both models
-share one tokenizer and chat template; the audit in opd_exp/audit.py checks that before training.
+share one tokenizer and chat template; the audit in opd_exp/models/audit.py checks that before training.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from opd_exp.estimators import Needs, TeacherScores
-from opd_exp.rollout import Rollout, completion_logits
+from opd_exp.objectives.estimators import Needs, TeacherScores
+from opd_exp.rollout.hf import Rollout, completion_logits
 
 
 @dataclass

@@ -4,7 +4,7 @@
     entry / "teacher", entry / "student", entry / "tokenizer"   # save_pretrained dirs; bootstrap.json: metrics
 
 Both models are randomly initialised Llama (or Qwen2) configs over the character tokenizer of
-:mod:`opd_exp.tokenization` and trained by supervised fine-tuning (loss on response tokens only) on the math
+:mod:`opd_exp.models.tokenization` and trained by supervised fine-tuning (loss on response tokens only) on the math
 task's worked traces. The gap between them is a **data gap**: the student (96 x 2 layers, 0.30M) is SFT-trained
 on only ``student.sft_examples`` (200) problems, which it memorises (train accuracy 100%, loss ~1e-4) while its
 held-out accuracy stays low; the teacher (192 x 4, 2.37M) sees the whole 20k pool. Measured at 500 steps
@@ -36,9 +36,9 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from opd_exp.config import ModelConfig, TaskConfig
+from opd_exp.config.validation import ConfigError, spec, validate
+from opd_exp.models.tokenization import Convention, build_tokenizer, resolve_token_ids
 from opd_exp.tasks.math import Example, MathTask
-from opd_exp.tokenization import Convention, build_tokenizer, resolve_token_ids
-from opd_exp.validation import ConfigError, spec, validate
 
 BOOTSTRAP_VERSION = 1  # bump when a code change alters the trained pair (invalidates every cache entry)
 COMPLETE = "COMPLETE"  # marker file, written last; an entry without it is never loaded

@@ -1,6 +1,6 @@
 """The distillation objectives: pure tensor functions over student logits, teacher scores and masks.
 
-Interface (the training loop relies on exactly this; see opd_exp/train.py):
+Interface (the training loop relies on exactly this; see opd_exp/train/loop.py):
 
 - ``ESTIMATORS[name] = EstimatorSpec(loss=..., needs=...)``.
 - ``spec.needs(cfg) -> Needs``: what the loop must provide (teacher sampled-token log-probs, teacher top-K,
@@ -15,7 +15,7 @@ Shapes: B rollouts, T completion positions, V vocabulary, K support size.
 The family: ``sampled_token`` and ``seq_rkl`` (per-token reward, discounted return, PPO surrogate);
 ``full_rkl``, ``forward_kl``, ``jsd`` (exact full-vocabulary divergences, chunked, analytic gradient);
 ``topk_rkl`` (the paper's LSM and its support variants V1-V5, conf/estimator/topk_*.yaml); ``seq_kd`` (SFT on
-teacher rollouts). Loss masks (special tokens, entropy top-q) are in opd_exp/masks.py. Every loss computes in
+teacher rollouts). Loss masks (special tokens, entropy top-q) are in opd_exp/objectives/masks.py. Every loss computes in
 float32 (float64 for float64 logits) whatever the logits' dtype, and returns a gradient in the logits' dtype.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from opd_exp.config import EstimatorConfig
-from opd_exp.validation import ConfigError
+from opd_exp.config.validation import ConfigError
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from opd_exp.stats import Stat, mean_ci
-from opd_exp.validation import spec
+from opd_exp.config.validation import spec
+from opd_exp.report.stats import Stat, mean_ci
 
 WHO = ("teacher", "student_before", "student_after")
 EXPECT = ("higher", "lower", "similar")
@@ -131,7 +131,7 @@ def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
     lines = ["## Paper claims at this scale", "",
              "Each row compares two rows of the tables on one split: a - b is the mean paired difference over "
              "seeds with its 95% t-interval (percentage points); the verdict reads that interval "
-             "(opd_exp/claims.py).", "",
+             "(opd_exp/report/claims.py).", "",
              "| claim | paper | group | split | a | b | a - b [95% CI] | n | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for group, r in results:

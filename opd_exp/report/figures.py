@@ -5,14 +5,11 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from opd_exp import rundir
-from opd_exp.runs import Run, parse_value
-from opd_exp.stats import Stat, mean_ci
-
-if TYPE_CHECKING:
-    from opd_exp.report import Table
+from opd_exp.report.runs import Run, parse_value
+from opd_exp.report.stats import Stat, mean_ci
+from opd_exp.report.table import Table
 
 
 def pyplot():

@@ -1,0 +1,64 @@
+"""The launching process and its workers: SIGTERM to a sweep reaches every cell's process.
+
+A parallel launcher (joblib/loky) runs cells in worker processes that would train on, orphaned, when the
+launching process is terminated (a scheduler's pre-emption). :func:`forward_sigterm` is the launching process's
+SIGTERM handler: it passes the signal on to its descendants, waits for them to checkpoint, and exits 143.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports a TERM'd job
+
+
+def descendant_pids(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first), read from /proc; [] where there is no /proc."""
+    parent_of: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue  # exited while we read
+        if fields[0] != "Z":
+            parent_of[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [c for c, parent in parent_of.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """The process ignores SIGTERM (SigIgn in /proc/<pid>/status), as multiprocessing's resource tracker does:
+    it ends when the process that started it does."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return False
+    mask = next((int(line.split()[1], 16) for line in lines if line.startswith("SigIgn:")), 0)
+    return bool(mask & (1 << (signal.SIGTERM - 1)))
+
+
+def forward_sigterm(signum, frame) -> None:
+    """SIGTERM to the launching process of a sweep: pass it on to the cells' worker processes (joblib/loky
+    workers would otherwise train on, orphaned), give them a minute to checkpoint and write their summaries
+    (status: interrupted), then exit 143. A cell running in this process has its own handler meanwhile
+    (opd_exp/train/loop.py), so this one only sees the signal between cells or in a parallel launcher."""
+    workers = [pid for pid in descendant_pids(os.getpid()) if not ignores_sigterm(pid)]
+    for pid in workers:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 60
+    while time.time() < deadline and set(workers) & set(descendant_pids(os.getpid())):
+        time.sleep(0.2)
+    print(f"[opd-exp] SIGTERM: passed on to {len(workers)} worker process(es); rerun the same command to resume",
+          file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
