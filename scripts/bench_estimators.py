@@ -3,15 +3,19 @@
 Usage:
     python scripts/bench_estimators.py --threads 1          # CPU, V in {1k, 32k, 152k}, ~4 min (shared 2 cores)
     python scripts/bench_estimators.py --vocab 1024 --threads 1 --out /tmp/bench   # quick check
+    python scripts/bench_estimators.py --head projected --hidden 256 --vocab 32768 --out /tmp/bench
     python scripts/bench_estimators.py --device cuda        # torch.cuda.max_memory_allocated
 
 Writes <out>/estimators.csv and <out>/estimators.md (command, machine, date) and prints the table.
 
-What is measured, per (estimator, V): the student logits (B, T, V) float32 with grad and the teacher tensors
-that the estimator's ``Needs`` ask for are allocated first (``teacher_MB``: their size); then the peak memory
-above that baseline while computing the loss and d loss / d logits (``peak_extra_MB``). That peak includes
-the (B, T, V) gradient of the logits that every loss returns (``grad_MB``); ``workspace_MB`` = peak_extra -
-grad is what the loss itself keeps alive. CPU memory: Linux's peak resident set size (VmHWM), reset by writing
+What is measured, per (estimator, V): the student head with grad (``--head dense``: logits (B, T, V) float32;
+``--head projected``: hidden states (B, T, H) and an output projection (V, H), float32, the logits never
+materialised) and the teacher tensors that the estimator's ``Needs`` ask for (the teacher's head of the same
+kind for full-vocabulary estimators) are allocated first (``teacher_MB``: their size); then the peak memory
+above that baseline while computing the loss and its gradient wrt the student head's tensors
+(``peak_extra_MB``). That peak includes the gradient every loss returns (``grad_MB``: (B, T, V) for a dense
+head; (B, T, H) + (V, H) for a projected one); ``workspace_MB`` = peak_extra - grad is what the loss itself
+keeps alive. CPU memory: Linux's peak resident set size (VmHWM), reset by writing
 5 to /proc/self/clear_refs before each call, minus VmRSS just before it; tensors above glibc's mmap threshold
 (fixed here at 64 KiB: the script re-executes itself with MALLOC_MMAP_THRESHOLD_=65536) are mmapped and
 unmapped on free, so RSS follows every tensor above 64 KiB exactly; smaller ones are noise (< 1 MB).
@@ -34,7 +38,7 @@ from pathlib import Path
 import torch
 
 from opd_exp.config import EstimatorConfig
-from opd_exp.objectives.estimators import ESTIMATORS, EstimatorBatch, Needs, TeacherScores
+from opd_exp.objectives import ESTIMATORS, Batch, LogitsHead, Needs, TeacherScores
 
 CONFIGS = {  # bench name -> EstimatorConfig fields
     "sampled_token": dict(name="sampled_token"),
@@ -45,9 +49,11 @@ CONFIGS = {  # bench name -> EstimatorConfig fields
     "topk_rkl_v1": dict(name="topk_rkl", top_k=32),
     "topk_rkl_v3": dict(name="topk_rkl", top_k=32, add_sampled=True),
     "topk_rkl_v5": dict(name="topk_rkl", top_k=32, normalize="none", tail="sampled_is"),
+    "topk_rkl_v5_official": dict(name="topk_rkl", top_k=32, normalize="none", tail="sampled_is_official"),
     "seq_kd": dict(name="seq_kd"),
 }
-# seq_rkl, topk_rkl_v3 and seq_kd run the same kernels as sampled_token / topk_rkl_v1 (--estimators adds them)
+# seq_rkl, topk_rkl_v3, v5_official and seq_kd run the same kernels as sampled_token / topk_rkl_v1 / v5
+# (--estimators adds them)
 DEFAULT = ["sampled_token", "full_rkl", "forward_kl", "jsd", "topk_rkl_v1", "topk_rkl_v5"]
 # at V > LARGE_V only these run by default (the 2-core machine is shared; forward_kl and jsd scale like full_rkl)
 LARGE_DEFAULT = ["sampled_token", "full_rkl", "topk_rkl_v1"]
@@ -94,55 +100,67 @@ class MemoryProbe:
 # --- inputs -------------------------------------------------------------------------------------------
 
 
-def make_inputs(needs: Needs, B: int, T: int, V: int, device, gen: torch.Generator):
-    """Student logits (with grad) and exactly the teacher tensors ``needs`` asks for (random values: the cost
-    does not depend on them). Teacher log-probs are normalised row chunk by row chunk (no extra (B, T, V))."""
-    logits_BTV = torch.randn(B, T, V, generator=gen).mul_(2.0).to(device).requires_grad_(True)
-    tokens_BT = torch.randint(0, V, (B, T), generator=gen).to(device)
+def make_head(kind: str, B: int, T: int, V: int, H: int, device, gen: torch.Generator, grad: bool):
+    """A head of ``kind`` dense | projected with random float32 values, and its tensors (leaves)."""
+    if kind == "dense":
+        leaves = [torch.randn(B, T, V, generator=gen).mul_(2.0).to(device)]
+    else:
+        leaves = [torch.randn(B, T, H, generator=gen).to(device),
+                  torch.randn(V, H, generator=gen).mul_(2.0 / H**0.5).to(device)]
+    leaves = [x.requires_grad_(grad) for x in leaves]
+    return LogitsHead(*leaves), leaves
+
+
+def make_inputs(needs: Needs, B: int, T: int, V: int, args, device, gen: torch.Generator):
+    """The student head (with grad) and exactly the teacher tensors ``needs`` asks for (random values: the
+    cost does not depend on them)."""
+    head, leaves = make_head(args.head, B, T, V, args.hidden, device, gen, grad=True)
+    ids_BT = torch.randint(0, V, (B, T), generator=gen).to(device)
     old_BT = -torch.rand(B, T, generator=gen).to(device) * 5
     t = TeacherScores()
     if needs.teacher_sampled:
         t.sampled_logprobs_BT = -torch.rand(B, T, generator=gen).to(device) * 5
+    teacher_bytes = 0
     if needs.teacher_full:
-        full_BTV = torch.randn(B, T, V, generator=gen).to(device)
-        for b in range(B):
-            full_BTV[b] = torch.log_softmax(full_BTV[b], -1)
-        t.full_logprobs_BTV = full_BTV
+        t.full, teacher_leaves = make_head(args.head, B, T, V, args.hidden, device, gen, grad=False)
+        teacher_bytes += sum(x.numel() * x.element_size() for x in teacher_leaves)
     for k, ids_name, lp_name in ((needs.teacher_topk, "topk_ids_BTK", "topk_logprobs_BTK"),
                                  (needs.student_topk, "student_topk_ids_BTK", "at_student_topk_logprobs_BTK")):
         if k:
             setattr(t, ids_name, torch.randint(0, V, (B, T, min(k, V)), generator=gen).to(device))
             setattr(t, lp_name, -torch.rand(B, T, min(k, V), generator=gen).to(device) * 5)
     mask_BT = torch.ones(B, T, dtype=torch.bool, device=device)
-    batch = EstimatorBatch(tokens_BT=tokens_BT, mask_BT=mask_BT, old_logprobs_BT=old_BT, teacher=t)
-    teacher_bytes = sum(x.numel() * x.element_size() for x in vars(t).values() if x is not None)
-    return logits_BTV, batch, teacher_bytes
+    batch = Batch(ids_BT=ids_BT, loss_mask_BT=mask_BT, old_logprobs_BT=old_BT, sampler_logprobs_BT=old_BT.clone(),
+                  teacher=t)
+    teacher_bytes += sum(x.numel() * x.element_size() for x in vars(t).values() if isinstance(x, torch.Tensor))
+    return head, leaves, batch, teacher_bytes
 
 
 def measure(name: str, V: int, args, device, probe: MemoryProbe) -> dict:
     cfg = EstimatorConfig(**CONFIGS[name], chunk_size=args.chunk_size)
     spec = ESTIMATORS[cfg.name]
     gen = torch.Generator().manual_seed(0)
-    logits_BTV, batch, teacher_bytes = make_inputs(spec.needs(cfg), args.batch, args.seq, V, device, gen)
+    head, leaves, batch, teacher_bytes = make_inputs(spec.needs(cfg), args.batch, args.seq, V, args, device, gen)
     probe.baseline()
     start = time.perf_counter()
-    loss = spec.loss(logits_BTV, batch, cfg).loss
-    (grad_BTV,) = torch.autograd.grad(loss, logits_BTV)
+    loss = spec.loss(head, batch, cfg).loss
+    grads = torch.autograd.grad(loss, leaves)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = probe.peak_extra_bytes()
-    grad_bytes = grad_BTV.numel() * grad_BTV.element_size()
+    grad_bytes = sum(g.numel() * g.element_size() for g in grads)
     assert torch.isfinite(loss), (name, V)
-    del logits_BTV, batch, loss, grad_BTV
-    return {"estimator": name, "V": V, "positions": args.batch * args.seq, "teacher_MB": teacher_bytes / MB,
-            "peak_extra_MB": peak / MB, "grad_MB": grad_bytes / MB, "workspace_MB": (peak - grad_bytes) / MB,
-            "time_s": seconds}
+    del head, leaves, batch, loss, grads
+    head_label = "dense" if args.head == "dense" else f"projected H={args.hidden}"
+    return {"estimator": name, "head": head_label, "V": V, "positions": args.batch * args.seq,
+            "teacher_MB": teacher_bytes / MB, "peak_extra_MB": peak / MB, "grad_MB": grad_bytes / MB,
+            "workspace_MB": (peak - grad_bytes) / MB, "time_s": seconds}
 
 
 # --- report -------------------------------------------------------------------------------------------
 
-COLUMNS = ["estimator", "V", "positions", "teacher_MB", "peak_extra_MB", "grad_MB", "workspace_MB", "time_s"]
+COLUMNS = ["estimator", "head", "V", "positions", "teacher_MB", "peak_extra_MB", "grad_MB", "workspace_MB", "time_s"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -162,8 +180,8 @@ def goal_lines(rows: list[dict]) -> list[str]:
         return []
     topk, full = by_name["topk_rkl_v1"], by_name["full_rkl"]
     out = [f"Goal check at V = {V} (topk_rkl V1, K = 32, vs full_rkl; <= 0.10 meets the goal):"]
-    for label, key in (("peak extra incl. the logits gradient", "peak_extra_MB"),
-                       ("workspace (peak extra minus the logits gradient)", "workspace_MB")):
+    for label, key in (("peak extra incl. the gradient", "peak_extra_MB"),
+                       ("workspace (peak extra minus the gradient)", "workspace_MB")):
         ratio = topk[key] / max(full[key], 1e-9)
         out.append(f"- {label}: {topk[key]:.1f} / {full[key]:.1f} MB = {ratio:.3f} "
                    f"({'met' if ratio <= 0.1 else 'NOT met'})")
@@ -187,8 +205,9 @@ def write_outputs(rows: list[dict], out: Path, device: torch.device, args) -> No
         f"- command: `python {' '.join(sys.argv)}`",
         f"- machine: {machine}; torch {torch.__version__}; {platform.platform()}",
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-        f"- B = {args.batch}, T = {args.seq}, float32 logits, chunk_size = {args.chunk_size}; method: see the "
-        "docstring of scripts/bench_estimators.py (CPU: VmHWM reset via /proc/self/clear_refs).", "",
+        f"- B = {args.batch}, T = {args.seq}, float32 {args.head} head"
+        f"{f' (H = {args.hidden})' if args.head == 'projected' else ''}, chunk_size = {args.chunk_size}; "
+        "method: see the docstring of scripts/bench_estimators.py (CPU: VmHWM reset via /proc/self/clear_refs).", "",
         format_table(rows), "", *goal_lines(rows), ""]
     (out / "estimators.md").write_text("\n".join(text))
 
@@ -200,6 +219,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--chunk-size", type=int, default=1024)
+    parser.add_argument("--head", default="dense", choices=["dense", "projected"],
+                        help="student/teacher heads: (B, T, V) logits, or hidden states + output projection")
+    parser.add_argument("--hidden", type=int, default=256, help="H of a projected head")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     parser.add_argument("--estimators", nargs="+", default=DEFAULT, choices=list(CONFIGS))
     parser.add_argument("--large-estimators", nargs="+", default=LARGE_DEFAULT, choices=list(CONFIGS),

@@ -1,5 +1,6 @@
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +12,30 @@ from opd_exp.config.validation import ConfigError
 
 def test_defaults_validate():
     cfg = load_run_config({"train": {"mini_batch_size": 16}})
-    assert isinstance(cfg, RunConfig) and cfg.estimator.name == "sampled_token"
+    assert isinstance(cfg, RunConfig) and cfg.train.mini_batch_size == 16
+
+
+def test_dataclass_defaults_equal_the_composed_default_yaml():
+    """One source of defaults: RunConfig() is exactly what a bare `opd-exp` composes from conf/ (its default
+    groups included), so Python callers and the CLI cannot drift apart (mini-batch, eval batch, estimator, top-p
+    once did)."""
+    import dataclasses
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from opd_exp.models.bootstrap import parse_bootstrap
+
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
+        node = compose("config")
+    plain = OmegaConf.to_container(node, resolve=False)
+    plain.pop("hydra", None)
+    plain["model"]["cache_dir"] = RunConfig().model.cache_dir  # an env interpolation in YAML
+    composed, default = load_run_config(plain), RunConfig()
+    # model.bootstrap is a free-form mapping: compare what it parses to
+    assert parse_bootstrap(composed.model.bootstrap) == parse_bootstrap(default.model.bootstrap)
+    composed.model.bootstrap = default.model.bootstrap = {}
+    assert dataclasses.asdict(composed) == dataclasses.asdict(default)
 
 
 @pytest.mark.parametrize("node, field, words", [

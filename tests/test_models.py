@@ -13,7 +13,7 @@ from opd_exp.config import ModelConfig, TaskConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.models import bootstrap
 from opd_exp.models.bootstrap import COMPLETE, cache_key, ensure_tiny_pair, entry_dir, parse_bootstrap
-from opd_exp.models.pair import ModelLoadError, load_checkpoint, load_pair, load_tokenizer
+from opd_exp.models.pair import ModelLoadError, load_checkpoint, load_pair, load_tokenizer, vocab_size
 from opd_exp.models.tokenization import build_tokenizer
 
 TINY_MEMBER = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "sft_steps": 2, "batch_size": 4,
@@ -86,6 +86,13 @@ def test_corrupt_checkpoints_name_the_path_and_problem(tmp_path):
     (tmp_path / "noconfig").mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         load_checkpoint(tmp_path / "noconfig")
+
+
+def test_vocab_size_counts_added_tokens_not_embedding_rows(ckpts):
+    tok = load_tokenizer(ckpts[1])
+    n = vocab_size(tok)
+    tok.add_tokens(["<extra>"])
+    assert n == len(build_tokenizer()) and vocab_size(tok) == n + 1
 
 
 def test_tokenizer_errors(tmp_path):

@@ -27,7 +27,7 @@ from opd_exp import rundir
 from opd_exp.config import RunConfig, load_run_config
 from opd_exp.config.validation import ConfigError
 from opd_exp.models import bootstrap
-from opd_exp.objectives.estimators import ESTIMATORS, EstimatorSpec
+from opd_exp.objectives import ESTIMATORS, EstimatorSpec
 from opd_exp.processes import descendant_pids
 
 CKPT = "checkpoints/last.pt"
@@ -111,7 +111,7 @@ def test_sigterm_to_a_parallel_sweep_reaches_its_workers(smoke, tmp_path):
     assert not [pid for pid in workers if alive(pid)]
     cells = [d for d in sweep.glob("*") if (d / "run_summary.json").exists()]
     statuses = [smoke.summary(d)["status"] for d in cells]
-    assert statuses == ["interrupted", "interrupted"], err[-3000:]
+    assert statuses == ["interrupted", "interrupted"], (statuses, [smoke.summary(d).get("error") for d in cells], err[-3000:])
     assert all(ckpt_step(d) == smoke.summary(d)["interrupted_at_step"] < 500 for d in cells)
 
 
@@ -134,13 +134,13 @@ def poisoned(bad_loss: set[int] = frozenset(), bad_grad: set[int] = frozenset(),
     ``bad_loss`` or i >= ``from_call``, or a finite loss with a NaN gradient (d sqrt(x)/dx at 0) in ``bad_grad``."""
     real, calls = ESTIMATORS["sampled_token"], []
 
-    def loss(logits, batch, cfg):
-        out, i = real.loss(logits, batch, cfg), len(calls)
+    def loss(head, batch, cfg):
+        out, i = real.loss(head, batch, cfg), len(calls)
         calls.append(i)
         if i in bad_loss or (from_call is not None and i >= from_call):
             return dataclasses.replace(out, loss=out.loss * float("nan"))
         if i in bad_grad:
-            return dataclasses.replace(out, loss=out.loss + torch.sqrt((logits * 0).sum()))
+            return dataclasses.replace(out, loss=out.loss + torch.sqrt((head.hidden_BTH * 0).sum()))
         return out
 
     return EstimatorSpec(loss=loss, needs=real.needs)

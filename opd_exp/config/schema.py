@@ -1,5 +1,8 @@
 """The run's typed config: one dataclass per Hydra config group, validated at start-up.
 
+One source of defaults: ``RunConfig()`` equals the composed default ``conf/config.yaml`` (its groups
+included); tests/test_config.py composes the YAML and compares, so the two cannot drift apart.
+
 Users write flat YAML under ``conf/``; Hydra composes it; :func:`load_run_config` turns it into a
 :class:`RunConfig` or raises :class:`~opd_exp.validation.ConfigError` naming the field, the value and the
 allowed values. Field docs here are the reference for every YAML key.
@@ -20,7 +23,7 @@ RUNNER_NAMES = ["opd", "toy_gamma", "toy_exact"]
 class EstimatorConfig:
     """Which distillation objective, and its knobs (each estimator reads the fields it needs)."""
 
-    name: str = spec("sampled_token", "estimator name", choices=ESTIMATOR_NAMES)
+    name: str = spec("topk_rkl", "estimator name", choices=ESTIMATOR_NAMES)
     gamma: float = spec(0.0, "discount of the reward-to-go: 0 token-level OPD, 1 sequence-level", ge=0.0, le=1.0)
     kl_form: str = spec("k1", "single-sample KL form of the per-token reward", choices=["k1", "k2", "k3"])
     clip_eps: float = spec(0.2, "PPO clip range of the importance ratio", gt=0.0, le=10.0)
@@ -60,7 +63,9 @@ class TaskConfig:
     data_seed: int = spec(1234, "seed of the train/eval split generator (independent of the run seed)", ge=0)
     n_train: int = spec(20000, "size of the training prompt pool", ge=1)
     n_eval: int = spec(200, "prompts per eval split", ge=1)
-    eval_splits: dict = spec(default_factory=dict, doc="name -> overrides of min_ops/max_ops/max_operand")
+    eval_splits: dict = spec(default_factory=lambda: {"id": {}, "long": {"min_ops": 5, "max_ops": 5},
+                                                      "wide": {"max_operand": 12}},
+                              doc="name -> overrides of min_ops/max_ops/max_operand")
     dataset_path: str | None = spec(None, "optional JSONL of {question, answer} rows instead of generated data")
     eval_set: str = spec("report", "report = the eval splits of the tables; tune = disjoint splits of the same "
                          "shape drawn after the train pool, for hyper-parameter tuning (generated data only)",
@@ -78,7 +83,8 @@ class ModelConfig:
     student_path: str | None = spec(None, "student checkpoint dir (kind=pretrained)")
     tokenizer_path: str | None = spec(None, "tokenizer dir; default: the student's")
     dtype: str = spec("float32", "parameter dtype", choices=["float32", "bfloat16", "float16"])
-    special_tokens: list[Any] = spec(default_factory=list, doc="default tokens for special-token masking")
+    special_tokens: list[Any] = spec(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"],
+                                     doc="default tokens for special-token masking")
     bootstrap: dict = spec(default_factory=dict, doc="tiny-pair bootstrap settings (see opd_exp.models.bootstrap)")
     cache_dir: str = spec("~/.cache/opd_exp", "where bootstrapped pairs are cached (keyed by config hash)")
 
@@ -88,7 +94,7 @@ class SamplingConfig:
     """Student rollout sampling during training."""
 
     temperature: float = spec(1.0, "softmax temperature", gt=0.0)
-    top_p: float = spec(1.0, "nucleus mass kept (1 = full distribution)", gt=0.0, le=1.0)
+    top_p: float = spec(0.9, "nucleus mass kept (1 = full distribution)", gt=0.0, le=1.0)
     rollouts_per_prompt: int = spec(4, "rollouts sampled per prompt", ge=1)
     max_new_tokens: int = spec(64, "response length cap; longer rollouts are truncated", ge=1)
     backend: str = spec("hf", "rollout backend (opd_exp.rollout): hf = transformers generate", choices=["hf"])
@@ -100,7 +106,7 @@ class TrainConfig:
 
     steps: int = spec(150, "rollout batches (optimizer rounds)", ge=0)
     prompts_per_step: int = spec(16, "prompts per rollout batch", ge=1)
-    mini_batch_size: int = spec(64, "trajectories per optimizer step (PPO mini-batch)", ge=1)
+    mini_batch_size: int = spec(32, "trajectories per optimizer step (PPO mini-batch)", ge=1)
     ppo_epochs: int = spec(1, "passes over each rollout batch", ge=1)
     lr: float = spec(5e-4, "AdamW learning rate", gt=0.0)
     weight_decay: float = spec(0.0, "AdamW weight decay", ge=0.0)
@@ -124,7 +130,7 @@ class EvalConfig:
     temperature: float = spec(1.0, "sampling temperature for avg@k", gt=0.0)
     top_p: float = spec(0.9, "nucleus mass for avg@k (the paper evaluates at 0.9)", gt=0.0, le=1.0)
     max_new_tokens: int = spec(64, "response length cap at evaluation", ge=1)
-    batch_size: int = spec(128, "prompts per generation batch", ge=1)
+    batch_size: int = spec(256, "prompts per generation batch", ge=1)
     teacher: bool = spec(True, "also evaluate the teacher")
 
 
@@ -161,8 +167,20 @@ class RunConfig:
     report: dict = spec(default_factory=dict, doc="how opd-exp-report lays out this experiment's tables")
 
 
+def check_estimator_switches(e: EstimatorConfig) -> None:
+    """The top-K objective's switches must describe one estimator (arXiv 2603.25562, Table 4's V1-V5): checked
+    at start-up, before any model is loaded or evaluated."""
+    if e.tail != "none" and e.normalize == "renormalized":
+        raise ConfigError("estimator.tail", f"got {e.tail!r} with estimator.normalize='renormalized'; a tail term "
+                          "needs full-vocabulary log-probs: set estimator.normalize=none, or estimator.tail=none")
+    if e.tail.startswith("sampled_is") and e.add_sampled:
+        raise ConfigError("estimator.add_sampled", f"got true with estimator.tail={e.tail!r}: the sampled token "
+                          "would be counted both in the support and in the tail; set estimator.add_sampled=false")
+
+
 def check_cross_fields(cfg: RunConfig) -> None:
     """Checks that involve several fields (those needing the vocabulary run after the models load)."""
+    check_estimator_switches(cfg.estimator)
     if cfg.task.min_ops > cfg.task.max_ops:
         raise ConfigError("task.min_ops", f"got {cfg.task.min_ops}, must be <= task.max_ops ({cfg.task.max_ops})")
     batch = cfg.train.prompts_per_step * cfg.sampling.rollouts_per_prompt

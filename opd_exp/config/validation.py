@@ -133,7 +133,8 @@ def validate(cls: type[T], node: Any, prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in node:
         if key not in fields:
-            name = f"{prefix}.{key}" if prefix else str(key)
+            shown = str(key) or repr(key)  # an empty key (YAML `"": 1`) still gets a visible name
+            name = f"{prefix}.{shown}" if prefix else shown
             valid = sorted(fields)
             raise ConfigError(name, f"unknown key{closest(str(key), valid)}; valid keys: {', '.join(valid)}")
     hints = typing.get_type_hints(cls)

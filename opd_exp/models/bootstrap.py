@@ -17,6 +17,11 @@ Cache: ``<cache_dir>/<name>-<hash>`` where the hash covers the bootstrap setting
 the training data and :data:`BOOTSTRAP_VERSION` (bump it whenever a code change alters what is trained). An
 entry is built in a temp dir, marked complete, then renamed into place, under a file lock, so concurrent runs
 train once and a half-written entry is never loaded.
+
+The pair does not depend on the machine that built it: SFT runs in float32 unless ``bootstrap.bf16: true`` asks
+for bf16 autocast (part of the cache key; bootstrap.json records ``precision`` and each member's
+``weights_sha256``), and building it leaves the caller's torch / python / numpy RNG state untouched, so a run on
+an empty cache samples the same random stream as a run on a warm one.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,9 +84,9 @@ class BootstrapConfig:
 
     seed: int = spec(0, "init and batch-order seed", ge=0)
     threads: int = spec(0, "torch CPU threads while training (0 = leave torch's setting)", ge=0)
-    bf16: bool | str = spec("auto", "bf16 autocast of SFT forward passes; auto = only on CPUs with native "
-                            "bf16 (AVX512-BF16/AMX: on AVX2-only CPUs it is ~10x slower than fp32)",
-                            choices=["auto", True, False])
+    bf16: bool = spec(False, "bf16 autocast of the SFT forward passes (opt-in: a different pair, its own cache "
+                      "entry; ~10x slower than float32 on CPUs without AVX512-BF16/AMX); weights are saved float32",
+                      choices=[False, True])
     eval_examples: int = spec(200, "id-split problems greedily graded after SFT (recorded in bootstrap.json)",
                               ge=1)
     eval_every: int = spec(0, "grade 64 id problems every N steps for the progress bar (0 = only at the end)",
@@ -94,6 +101,9 @@ def parse_bootstrap(node: dict) -> BootstrapConfig:
     """Validate ``model.bootstrap`` (a plain dict) into a :class:`BootstrapConfig`; member keys given in
     YAML override that member's defaults (so the student keeps its own defaults for unset keys)."""
     node = dict(node or {})
+    if isinstance(node.get("bf16"), str):
+        raise ConfigError("model.bootstrap.bf16", f"got {node['bf16']!r}, allowed values: false (float32, the "
+                          "default), true (bf16 autocast); 'auto' is gone: the pair must not depend on the CPU")
     members = {}
     for role, default in (("teacher", MemberConfig()), ("student", _student_defaults())):
         base = dataclasses.asdict(default)
@@ -201,15 +211,32 @@ def greedy_accuracy(model, tokenizer, task: MathTask, examples: list[Example], b
     return correct / max(len(examples), 1)
 
 
-def use_bf16(boot: BootstrapConfig) -> bool:
-    """bf16 autocast on CPU pays off only with native bf16 instructions (measured: 10x slower on AVX2)."""
-    if boot.bf16 != "auto":
-        return bool(boot.bf16)
+def precision(boot: BootstrapConfig) -> str:
+    """The SFT compute precision recorded in bootstrap.json: "bfloat16" (autocast) or "float32"."""
+    return "bfloat16" if boot.bf16 else "float32"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def preserved_rng():
+    """Restore the global torch (CPU and every CUDA device), python ``random`` and numpy RNG states on exit."""
+    import numpy as np
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def lr_at(step: int, m: MemberConfig) -> float:
@@ -239,7 +266,7 @@ def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, de
         for group in opt.param_groups:
             group["lr"] = lr_at(step, m)
         mask_BL = torch.arange(width)[None, :] < lengths_N[idx, None]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16(boot) and model.device.type == "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=boot.bf16 and model.device.type == "cpu"):
             loss = model(input_ids=ids_NL[idx, :width], attention_mask=mask_BL.long(),
                          labels=labels_NL[idx, :width]).loss
         opt.zero_grad(set_to_none=True)
@@ -294,6 +321,7 @@ def train_member(role: str, m: MemberConfig, boot: BootstrapConfig, task_cfg: Ta
     model.generation_config.eos_token_id = special["eos_token_id"]
     model.save_pretrained(out / role)
     member_tokenizer(tokenizer, m.convention).save_pretrained(out / role)
+    stats["weights_sha256"] = file_sha256(out / role / "model.safetensors")
     return stats
 
 
@@ -302,8 +330,13 @@ def ensure_tiny_pair(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
 
     Returns at once when the entry is complete; otherwise takes the entry's file lock (waiting for a
     concurrent bootstrap of the same entry, which then is complete), trains both models into a temp dir,
-    writes the COMPLETE marker and renames the dir into place.
+    writes the COMPLETE marker and renames the dir into place. The caller's RNG states are left as they were.
     """
+    with preserved_rng():
+        return _ensure_tiny_pair(model_cfg, task_cfg)
+
+
+def _ensure_tiny_pair(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
     boot = parse_bootstrap(model_cfg.bootstrap)
     entry = entry_dir(model_cfg, task_cfg)
     if is_complete(entry):
@@ -325,7 +358,7 @@ def ensure_tiny_pair(model_cfg: ModelConfig, task_cfg: TaskConfig) -> Path:
             start = time.time()
             tokenizer = build_tokenizer()
             tokenizer.save_pretrained(tmp / "tokenizer")
-            meta = {"version": BOOTSTRAP_VERSION, "bootstrap": dataclasses.asdict(boot),
+            meta = {"version": BOOTSTRAP_VERSION, "precision": precision(boot), "bootstrap": dataclasses.asdict(boot),
                     "task": dataclasses.asdict(task_cfg), "torch_threads": torch.get_num_threads()}
             for role in ("teacher", "student"):
                 meta[role] = train_member(role, getattr(boot, role), boot, task_cfg, tokenizer, tmp)

@@ -45,6 +45,12 @@ class ModelPair:
     tokenizer: Any
     teacher_tokenizer: Any
 
+    @property
+    def vocab_size(self) -> int:
+        """The ids the student's tokenizer can produce: every softmax, top-K and sample is over these, never over
+        the embedding rows beyond (padding)."""
+        return vocab_size(self.tokenizer)
+
 
 # --------------------------------------------------------------------------------------------------------------
 # one checkpoint
@@ -108,12 +114,18 @@ def load_tokenizer(path: str | Path, role: str = "model"):
     return tok
 
 
+def vocab_size(tokenizer) -> int:
+    """V: the ids the tokenizer can produce (base vocabulary plus added tokens), ``len(tokenizer)``. Embedding rows
+    beyond V are padding (Qwen2.5-7B: 152,064 rows, V = 151,646): never sampled, never in a softmax or a top-K."""
+    return len(tokenizer)
+
+
 def check_vocab(model, tokenizer, role: str, path: Path) -> None:
     """The model's embedding must cover every id of its tokenizer (it may be larger: padded vocabularies)."""
     rows = model.get_input_embeddings().weight.shape[0]
-    if rows < len(tokenizer):
+    if rows < vocab_size(tokenizer):
         raise ModelLoadError(f"{role} checkpoint {path}: embedding has {rows} rows but its tokenizer has "
-                             f"{len(tokenizer)} tokens")
+                             f"{vocab_size(tokenizer)} tokens")
 
 
 # --------------------------------------------------------------------------------------------------------------

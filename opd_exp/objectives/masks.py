@@ -13,7 +13,7 @@ import torch
 
 def special_token_mask_BT(tokens_BT: torch.Tensor, completion_mask_BT: torch.Tensor, special_ids: list[int],
                           mode: str = "first") -> torch.Tensor:
-    """Positions to remove from every loss term (the paper's special-token masking, PAPER.md "Estimators").
+    """Positions to remove from every loss term (the special-token masking of arXiv 2603.25562, "Estimators").
 
     tokens_BT (B, T) long; completion_mask_BT (B, T) bool (only completion positions are considered).
     mode "first": the first occurrence of EACH listed id in each response (the official code masks the first

@@ -82,7 +82,7 @@ from opd_exp.report.table import Table
 
 TOY_RUNNERS = ("toy_gamma", "toy_exact")
 FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.report.failure (figures and verdicts)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_CURVES = ["train/loss", "train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy"]
 CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom); "
            "n = 1 has no interval (nan in the CSV).")

@@ -173,6 +173,8 @@ class MathTask:
         convention:   the response convention written and graded (delimiters, answer prefix, end token).
     """
 
+    name = "math"
+
     def __init__(self, cfg: TaskConfig, convention: Convention = DEFAULT_CONVENTION):
         self.cfg = cfg
         self.convention = convention
@@ -228,3 +230,7 @@ class MathTask:
     def grade(self, completion_text: str, example: Example) -> bool:
         """Exact match of the parsed final answer; malformed output (no answer line, garbage) is wrong."""
         return self.parse_answer(completion_text) == example.answer
+
+    def episode(self, example: Example) -> None:
+        """Single-turn: no environment."""
+        return None

@@ -4,6 +4,8 @@ Metric names (the keys of ``run_summary.json``'s results, per model and split):
     greedy@1   share of prompts whose greedy completion is correct (Wilson interval)
     avg@k      mean over prompts of the share of k samples that are correct (the paper's avg@32)
     pass@k     unbiased pass@k of Chen et al. 2021 ("Evaluating Large Language Models Trained on Code")
+Each comes lenient (the task's grade of whatever was written: the tables' metric, as in earlier versions) and
+``<metric>_strict``: a response that hit the length cap without its end token is wrong, whatever it contains.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from opd_exp.config import EvalConfig, SamplingConfig
-from opd_exp.rollout.hf import rollout, stop_ids
+from opd_exp.rollout import rollout, stop_ids
 
 Z95 = 1.959963984540054
 
@@ -53,22 +55,36 @@ def mean_ci(values: Sequence[float], z: float = Z95) -> tuple[float, float, floa
     return (mean, mean - half, mean + half)
 
 
-def _correct(task, tokenizer, ro, examples) -> list[bool]:
+def _graded(task, tokenizer, ro, examples) -> list[tuple[bool, bool]]:
+    """(lenient, strict) per row: lenient = the task's grade of the text; strict = that, and the response
+    wrote an end token (a response cut at the length cap is wrong, whatever it contains)."""
     texts = tokenizer.batch_decode(ro.completion_ids_BT, skip_special_tokens=False)
-    return [task.grade(text, examples[i]) for text, i in zip(texts, ro.prompt_index_B.tolist(), strict=True)]
+    rows = zip(texts, ro.prompt_index_B.tolist(), ro.truncated_B.tolist(), strict=True)
+    return [(ok, ok and not cut) for text, i, cut in rows for ok in [task.grade(text, examples[i])]]
 
 
-def _generate_correct(model, tokenizer, task, examples, sampling, n, greedy, batch_size) -> list[list[bool]]:
-    """Correctness of n completions per example, as a list per example."""
-    per_example: list[list[bool]] = [[] for _ in examples]
+def _generate_graded(model, tokenizer, task, examples, sampling, n, greedy, batch_size
+                     ) -> list[list[tuple[bool, bool]]]:
+    """(lenient, strict) of n completions per example, as a list per example."""
+    per_example: list[list[tuple[bool, bool]]] = [[] for _ in examples]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [task.prompt_ids(tokenizer, ex) for ex in chunk]
         ro = rollout(model, prompts, sampling, eos_id=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                     n_per_prompt=n, greedy=greedy)
-        for i, ok in zip(ro.prompt_index_B.tolist(), _correct(task, tokenizer, ro, chunk), strict=True):
-            per_example[start + i].append(ok)
+                     vocab_size=len(tokenizer), n_per_prompt=n, greedy=greedy)
+        for i, graded in zip(ro.prompt_index_B.tolist(), _graded(task, tokenizer, ro, chunk), strict=True):
+            per_example[start + i].append(graded)
     return per_example
+
+
+def _put(results: dict, key: str, per_prompt: list[float], proportion: bool = False) -> None:
+    """``key`` -> the mean over prompts and ``key_ci`` -> its 95% interval (Wilson for a 0/1 proportion)."""
+    if proportion:
+        results[key] = sum(per_prompt) / len(per_prompt)
+        results[f"{key}_ci"] = list(wilson_ci(int(sum(per_prompt)), len(per_prompt)))
+    else:
+        mean, lo, hi = mean_ci(per_prompt)
+        results[key], results[f"{key}_ci"] = mean, [lo, hi]
 
 
 @torch.no_grad()
@@ -81,22 +97,23 @@ def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, li
     sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, rollouts_per_prompt=cfg.k,
                               max_new_tokens=cfg.max_new_tokens)
     results: dict[str, float | list] = {}
+    metrics = ["greedy@1", f"avg@{cfg.k}", f"pass@{cfg.k}"] if sampled else ["greedy@1"]
     for split, examples in splits.items():
         examples = examples[: cfg.n_prompts] if cfg.n_prompts else examples
-        batch = max(1, cfg.batch_size // cfg.k)
-        greedy = [c[0] for c in _generate_correct(model, tokenizer, task, examples, sampling, 1, True,
-                                                  cfg.batch_size)]
-        results[f"{split}/greedy@1"] = sum(greedy) / len(greedy)
-        results[f"{split}/greedy@1_ci"] = list(wilson_ci(sum(greedy), len(greedy)))
+        greedy = [c[0] for c in _generate_graded(model, tokenizer, task, examples, sampling, 1, True,
+                                                 cfg.batch_size)]
+        for strict, suffix in ((0, ""), (1, "_strict")):
+            _put(results, f"{split}/greedy@1{suffix}", [float(g[strict]) for g in greedy], proportion=True)
         if not sampled:
             continue
-        samples = _generate_correct(model, tokenizer, task, examples, sampling, cfg.k, False, batch)
-        for name, per_prompt in ((f"avg@{cfg.k}", [sum(c) / len(c) for c in samples]),
-                                 (f"pass@{cfg.k}", [pass_at_k(len(c), sum(c), cfg.k) for c in samples])):
-            mean, lo, hi = mean_ci(per_prompt)
-            results[f"{split}/{name}"] = mean
-            results[f"{split}/{name}_ci"] = [lo, hi]
-    for metric in ("greedy@1", f"avg@{cfg.k}", f"pass@{cfg.k}") if sampled else ("greedy@1",):
-        results[f"avg/{metric}"] = sum(results[f"{s}/{metric}"] for s in splits) / len(splits)
+        samples = _generate_graded(model, tokenizer, task, examples, sampling, cfg.k, False,
+                                   max(1, cfg.batch_size // cfg.k))
+        for strict, suffix in ((0, ""), (1, "_strict")):
+            correct = [[g[strict] for g in c] for c in samples]
+            _put(results, f"{split}/avg@{cfg.k}{suffix}", [sum(c) / len(c) for c in correct])
+            _put(results, f"{split}/pass@{cfg.k}{suffix}", [pass_at_k(len(c), sum(c), cfg.k) for c in correct])
+    for metric in metrics:
+        for suffix in ("", "_strict"):
+            results[f"avg/{metric}{suffix}"] = sum(results[f"{s}/{metric}{suffix}"] for s in splits) / len(splits)
     model.train(was_training)
     return results

@@ -1,15 +1,13 @@
-"""The OPD loop: rollouts -> teacher scores -> estimator loss -> optimizer steps, with eval and checkpoints.
+"""The run: setup, the loop over steps, evaluation before and after, checkpoints and bookkeeping.
 
     for step in range(steps):
-        rollouts  = the student (or, for off-policy seq_kd, the teacher) samples completions of a prompt batch
-        pi_old    = the student's log-probs of those tokens before this batch's updates (PPO ratios)
-        teacher   = one teacher forward per row chunk, keeping exactly what the estimator's Needs ask for
-        for each PPO epoch and mini-batch: loss = estimator(student logits, batch); AdamW step
+        prompts  = step's prompts (a seeded permutation of the task's pool, epoch by epoch)
+        metrics  = train_step(...)          # opd_exp/train/step.py: collect a Batch, update on it
         log train/ and diag/ metrics; evaluate every eval_every steps; checkpoint every checkpoint_every
 
-The loop never branches on the estimator's name. A run resumes bit-exactly from its last checkpoint; SIGTERM
-checkpoints and exits with status "interrupted"; non-finite losses or gradients skip the update. Under torchrun the
-loop runs data-parallel: prompts sharded across ranks, gradients averaged, rank 0 writing (opd_exp/train/distributed.py).
+A run resumes bit-exactly from its last checkpoint; SIGTERM checkpoints and exits with status "interrupted";
+non-finite losses or gradients skip the update. Under torchrun the loop runs data-parallel: prompts sharded
+across ranks, gradients averaged, rank 0 writing (opd_exp/train/distributed.py).
 """
 
 from __future__ import annotations
@@ -34,14 +32,13 @@ from opd_exp.config.validation import ConfigError
 from opd_exp.models.audit import audit_tokenizers, check_pair_compatible
 from opd_exp.models.pair import ModelPair, load_pair, pair_paths
 from opd_exp.models.tokenization import resolve_token_ids
-from opd_exp.objectives.estimators import ESTIMATORS, EstimatorBatch, EstimatorSpec
-from opd_exp.objectives.masks import entropy_top_q_mask, special_token_mask_BT
-from opd_exp.rollout.hf import Rollout, completion_logits, rollout, stop_ids
-from opd_exp.tasks.math import MathTask
+from opd_exp.objectives import ESTIMATORS
+from opd_exp.rollout import make_backend
+from opd_exp.tasks.base import Task, make_task
 from opd_exp.train import checkpoint, distributed
-from opd_exp.train.diagnostics import DiagInputs, save_raw_samples, step_diagnostics
+from opd_exp.train.diagnostics import save_raw_samples
 from opd_exp.train.evaluate import evaluate_model
-from opd_exp.train.scoring import score_student_old, score_teacher
+from opd_exp.train.step import train_step
 from opd_exp.train.tracking import Tracker
 
 # ----------------------------------------------------------------------------- setup
@@ -51,6 +48,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def fork_rng(device: torch.device):
+    """A scope whose random draws leave the caller's generators as they were: the CPU's and, on CUDA, every
+    device's (``fork_rng(devices=[])`` alone restores only the CPU generator)."""
+    devices = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
 
 
 def pick_device(name: str) -> torch.device:
@@ -95,121 +99,6 @@ def make_scheduler(optimizer, cfg: RunConfig):
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# ----------------------------------------------------------------------------- one step
-
-
-def loss_mask(ro: Rollout, cfg: RunConfig, special_ids: list[int], entropy_BT: torch.Tensor) -> torch.Tensor:
-    """completion & ~special tokens (& highest-entropy tokens): every estimator sees the same mask."""
-    mask = ro.completion_mask_BT.clone()
-    if cfg.mask.enabled and special_ids:
-        mask &= ~special_token_mask_BT(ro.completion_ids_BT, ro.completion_mask_BT, special_ids, cfg.mask.mode)
-    if cfg.estimator.entropy_top_q < 1.0:
-        mask &= entropy_top_q_mask(entropy_BT, mask, cfg.estimator.entropy_top_q)
-    return mask
-
-
-def train_step(pair: ModelPair, prompts: list[list[int]], cfg: RunConfig, spec: EstimatorSpec, optimizer,
-               scheduler, special_ids: list[int], diagnose: bool = False
-               ) -> tuple[dict[str, float], bool, DiagInputs | None]:
-    """One rollout batch and its PPO mini-batch updates.
-
-    Returns (metrics, all updates finite, the diagnostics' inputs when ``diagnose``)."""
-    needs = spec.needs(cfg.estimator)
-    policy = pair.student if needs.rollout_policy == "student" else pair.teacher
-    tok = pair.tokenizer
-    ro = rollout(policy, prompts, cfg.sampling, eos_id=stop_ids(policy, tok), pad_id=tok.pad_token_id)
-    diag_k = min(cfg.train.diag_top_k, len(tok)) if diagnose else 0
-    old = score_student_old(pair.student, ro, top_k=needs.student_topk or diag_k)
-    teacher = score_teacher(pair.teacher, ro, needs, old.topk_ids_BTK if needs.student_topk else None,
-                            top_k=diag_k)
-    mask = loss_mask(ro, cfg, special_ids, old.entropy_BT)
-    device = next(pair.student.parameters()).device
-    student_at_teacher_topk = torch.zeros_like(teacher.topk_logprobs_BTK) if diagnose else None
-    advantages = torch.zeros_like(old.logprobs_BT) if diagnose else None
-
-    totals: dict[str, float] = {}
-    skipped: dict[str, float] = {}  # the offending mini-batch when an update is skipped (non-finite)
-    n_updates, finite = 0, True
-    B, mb = len(ro), cfg.train.mini_batch_size // distributed.world_size()  # this rank's rows of a mini-batch
-    for _ in range(cfg.train.ppo_epochs):
-        order = torch.randperm(B)
-        for start in range(0, B, mb):
-            rows = order[start:start + mb]
-            batch = EstimatorBatch(tokens_BT=ro.completion_ids_BT[rows].to(device), mask_BT=mask[rows].to(device),
-                                   old_logprobs_BT=old.logprobs_BT[rows].to(device),
-                                   teacher=_rows(teacher, rows, device))
-            logits = completion_logits(pair.student, ro[rows]).float()
-            out = spec.loss(logits, batch, cfg.estimator)
-            if diagnose:  # the student as it is updated on these rows (pi_old on the first mini-batch)
-                with torch.no_grad():
-                    student_at_teacher_topk[rows] = torch.log_softmax(logits, -1).gather(
-                        -1, teacher.topk_ids_BTK[rows].to(device)).cpu()
-                    if out.advantages_BT is not None and advantages is not None:
-                        advantages[rows] = out.advantages_BT.detach().float().cpu()
-                    else:
-                        advantages = None
-            optimizer.zero_grad(set_to_none=True)
-            ok, grad_norm = bool(torch.isfinite(out.loss)), float("nan")
-            if ok:
-                out.loss.backward()
-            ok = distributed.all_reduce_grads(pair.student, ok)  # data-parallel: the ranks' mean gradient
-            if ok:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(pair.student.parameters(),
-                                                                 cfg.train.max_grad_norm))
-                ok = math.isfinite(grad_norm)
-            if ok:
-                optimizer.step()
-                _accumulate(totals, {"loss": out.loss.item(), "grad_norm": grad_norm, **out.metrics})
-                n_updates += 1
-            else:  # skip the update; run() counts it and logs this batch's summary
-                optimizer.zero_grad(set_to_none=True)
-                finite = False
-                skipped = _nonfinite_summary(out, grad_norm, batch, skipped)
-    scheduler.step()
-    metrics = {f"train/{k}": v / max(n_updates, 1) for k, v in totals.items()}
-    lengths = ro.lengths_B.float()
-    metrics |= {"train/response_len": float(lengths.mean()), "train/truncated": float(ro.truncated_B.float().mean()),
-                "train/entropy": _masked_mean(old.entropy_BT, ro.completion_mask_BT),
-                "train/teacher_logprob": _masked_mean(teacher.sampled_logprobs_BT, ro.completion_mask_BT),
-                "train/logprob_gap": _masked_mean(teacher.sampled_logprobs_BT - old.logprobs_BT,
-                                                  ro.completion_mask_BT),
-                "train/masked_tokens": float((ro.completion_mask_BT & ~mask).sum()),
-                "train/updates": float(n_updates), "train/lr": scheduler.get_last_lr()[0]} | skipped
-    if not diagnose:
-        return metrics, finite, None
-    diag = DiagInputs(tokens_BT=ro.completion_ids_BT, completion_mask_BT=ro.completion_mask_BT, loss_mask_BT=mask,
-                      student_logprobs_BT=old.logprobs_BT, truncated_B=ro.truncated_B, special_ids=special_ids,
-                      teacher_logprobs_BT=teacher.sampled_logprobs_BT, student_entropy_BT=old.entropy_BT,
-                      teacher_topk_ids_BTK=teacher.topk_ids_BTK, teacher_topk_logprobs_BTK=teacher.topk_logprobs_BTK,
-                      student_logprobs_at_teacher_topk_BTK=student_at_teacher_topk,
-                      student_topk_ids_BTK=old.topk_ids_BTK[..., :teacher.topk_ids_BTK.shape[-1]],
-                      advantages_BT=advantages)
-    return metrics | step_diagnostics(diag, top_p=cfg.eval.top_p), finite, diag
-
-
-def _nonfinite_summary(out, grad_norm: float, batch: EstimatorBatch, previous: dict) -> dict[str, float]:
-    """``train/nonfinite/*``: the last skipped mini-batch's loss, gradient norm, lengths and the estimator's
-    metrics (rewards, ...), and how many updates of this step were skipped. NaN is written as null."""
-    lengths_B = batch.mask_BT.sum(-1).float()
-    return {"train/nonfinite/updates": previous.get("train/nonfinite/updates", 0.0) + 1,
-            "train/nonfinite/loss": float(out.loss.detach()), "train/nonfinite/grad_norm": grad_norm,
-            "train/nonfinite/loss_tokens": float(lengths_B.sum()), "train/nonfinite/len_mean": float(lengths_B.mean()),
-            **{f"train/nonfinite/{k}": float(v) for k, v in out.metrics.items()}}
-
-
-def _rows(scores, rows, device):
-    return type(scores)(**{k: (v[rows].to(device) if v is not None else None) for k, v in vars(scores).items()})
-
-
-def _accumulate(totals: dict[str, float], values: dict[str, float]) -> None:
-    for k, v in values.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-
-
-def _masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> float:
-    return float((x_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -259,7 +148,7 @@ def _before_cache_file(cfg: RunConfig) -> Path:
     return Path(cfg.model.cache_dir).expanduser() / "evals" / f"before-{key}.json"
 
 
-def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dict[str, float]:
+def evaluate_pair_before(pair: ModelPair, task: Task, cfg: RunConfig) -> dict[str, float]:
     """Teacher and student-before results, with a fixed eval seed so every run of a sweep sees the same;
     computed once per (pair, task, eval settings) and cached beside the pair."""
     cache = _before_cache_file(cfg)
@@ -269,7 +158,7 @@ def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dic
         except (OSError, json.JSONDecodeError):
             pass  # unreadable: recompute and rewrite it
     results = {}
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng(next(pair.student.parameters()).device):
         torch.manual_seed(cfg.task.data_seed)
         if cfg.eval.teacher:
             results |= {f"teacher/{k}": v for k, v in
@@ -280,7 +169,7 @@ def evaluate_pair_before(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dic
     return results
 
 
-def check_pair_tokenizers(pair: ModelPair, task: MathTask) -> None:
+def check_pair_tokenizers(pair: ModelPair, task: Task) -> None:
     """Audit the teacher's tokenizer against the student's before training (failure mode 3, opd_exp.models.audit).
 
     An identical pair passes silently; a shared vocabulary with other mismatches (EOS, special tokens, template,
@@ -311,13 +200,14 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     seed_everything(cfg.seed + 100003 * distributed.rank())  # each rank samples its own rollouts
     device = distributed.local_device(pick_device(cfg.device))
     with _StopFlag() as stop:  # from the start: a SIGTERM while loading is honoured after the first step
-        task = MathTask(cfg.task)
+        task = make_task(cfg.task)
         pair = load_pair(cfg.model, cfg.task, device)
         check_against_vocab(cfg, len(pair.tokenizer))
         check_pair_tokenizers(pair, task)
         # resolved whether or not masking is on: the diagnostics report the special tokens' share either way
         special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens)
         spec = ESTIMATORS[cfg.estimator.name]
+        backend = make_backend(cfg.sampling.backend)
         student = pair.student
         student.train()
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -353,7 +243,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             prompts = [task.prompt_ids(pair.tokenizer, task.train[i]) for i in idx]
             last = step == cfg.train.steps - 1
             diagnose = bool(cfg.train.diag_every) and (step % cfg.train.diag_every == 0 or last)
-            metrics, _, diag = train_step(pair, prompts, cfg, spec, optimizer, scheduler, special_ids, diagnose)
+            metrics, _, diag = train_step(pair, prompts, cfg, spec, backend, optimizer, scheduler, special_ids,
+                                          diagnose)
             # data-parallel: train/ averaged over the ranks; diag/ describes rank 0's share of the batch
             metrics = distributed.all_reduce_mean(metrics, summed=("train/masked_tokens",), from_main=("diag/",))
             if diag is not None and (step == 0 or last) and distributed.is_main():  # rank 0's share of the batch
@@ -366,7 +257,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                 _warn_nonfinite(step, metrics, state["nonfinite_streak"], cfg.train.max_nonfinite)
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and distributed.is_main():
                 metrics |= _periodic_eval(pair, task, cfg)
-            if (step + 1) % cfg.train.log_every == 0 or n_skipped:
+            if (step + 1) % cfg.train.log_every == 0 or n_skipped or diag is not None:  # diag rows never dropped
                 tracker.log(step, metrics, time_s=time.time() - t0)
             bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
                             len=f"{metrics['train/response_len']:.1f}")
@@ -387,7 +278,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         distributed.check_in_sync(student)
         if not distributed.is_main():
             return {"status": status, "results": {}}
-        with torch.random.fork_rng(devices=[]):
+        with fork_rng(device):
             torch.manual_seed(cfg.task.data_seed + 1)
             after = evaluate_model(student, pair.tokenizer, task, cfg.eval, task.eval_splits)
     results = dict(state["before"]) | {f"student_after/{k}": v for k, v in after.items()}
@@ -405,8 +296,8 @@ def _warn_nonfinite(step: int, metrics: dict[str, float], streak: int, limit: in
           f"{streak} step(s) in a row, diverged at train.max_nonfinite={limit}", file=sys.stderr)
 
 
-def _periodic_eval(pair: ModelPair, task: MathTask, cfg: RunConfig) -> dict[str, float]:
+def _periodic_eval(pair: ModelPair, task: Task, cfg: RunConfig) -> dict[str, float]:
     """Greedy accuracy per split during training (independent of the training RNG stream)."""
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng(next(pair.student.parameters()).device):
         res = evaluate_model(pair.student, pair.tokenizer, task, cfg.eval, task.eval_splits, sampled=False)
     return {f"eval/student/{k}": v for k, v in res.items() if not k.endswith("_ci")}

@@ -1,0 +1,142 @@
+"""Score-function estimators: sampled-token OPD and sequence-level reverse KL, as an advantage fed to PPO.
+
+arXiv 2603.25562 writes both as one discounted estimator of the reverse-KL gradient,
+
+    g_gamma = sum_t (sum_{t' >= t} gamma^(t' - t) r_t') grad log pi_theta(y_t | c_t),   r_t = log q - log pi_old,
+
+gamma = 0 being token-level (sampled-token) OPD, the paper's baseline, and gamma = 1 the sequence-level reverse
+KL. As in the paper's official code (a verl-agent fork) the return is an advantage in a PPO clipped surrogate;
+no normalisation, no baseline unless ``baseline: mean``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opd_exp.config import EstimatorConfig
+from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, masked_mean, token_mean, zero_outside
+from opd_exp.objectives.batch import Batch
+from opd_exp.objectives.head import LogitsHead
+from opd_exp.objectives.kernels import compute_dtype, selected_logprobs
+
+
+def kl_reward_BT(teacher_logprobs_BT, old_logprobs_BT, kl_form: str) -> torch.Tensor:
+    """Per-token reward r_t = -k(y_t) with k a single-sample estimate of KL(pi_old || q) at y_t ~ pi_old.
+
+    With log rho = log q(y_t) - log pi_old(y_t) (Schulman, "Approximating KL divergence", 2020):
+      k1 = -log rho             -> r = log q - log pi_old (the paper's A_t; unbiased, either sign)
+      k2 = (log rho)^2 / 2      -> r <= 0 (biased, low variance)
+      k3 = (rho - 1) - log rho  -> r <= 0 (unbiased for the KL value, log rho clamped to [-20, 20] as verl
+                                   does, since rho = q/pi_old overflows on tokens the student finds unlikely)
+    Only k1's score-function gradient is the reverse-KL gradient; k2/k3 as rewards give other objectives.
+    (B, T) in, (B, T) float32 out (float64 for float64 inputs).
+    """
+    cdtype = compute_dtype(teacher_logprobs_BT.dtype)
+    log_rho = teacher_logprobs_BT.to(cdtype) - old_logprobs_BT.to(cdtype)
+    if kl_form == "k1":
+        return log_rho
+    if kl_form == "k2":
+        return -0.5 * log_rho.square()
+    if kl_form == "k3":
+        log_rho = log_rho.clamp(-20.0, 20.0)
+        return -(log_rho.exp() - 1.0 - log_rho)
+    raise ValueError(f"kl_form must be k1|k2|k3, got {kl_form!r}")
+
+
+def discounted_returns_BT(reward_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
+    """G_t = m_t r_t + gamma G_{t+1}, backwards within each row (arXiv 2603.25562, "Estimators": g_gamma).
+
+    Masked-out positions contribute no reward; the time index keeps counting through them (gamma^(t'-t) uses
+    real positions). Padding after EOS therefore adds nothing: the sum resets at the end of each response.
+    gamma = 0 gives G = r (token-level OPD), gamma = 1 the causal reward-to-go (sequence-level reverse KL).
+    (B, T) float in, (B, T) out, zero at masked-out positions.
+    """
+    r_BT = zero_outside(reward_BT, mask_BT)
+    if gamma == 0.0:
+        return r_BT
+    if gamma == 1.0:
+        G_BT = r_BT.flip(1).cumsum(1).flip(1)
+    else:
+        G_BT = torch.empty_like(r_BT)
+        running_B = torch.zeros_like(r_BT[:, 0])
+        for t in range(r_BT.shape[1] - 1, -1, -1):
+            running_B = r_BT[:, t] + gamma * running_B
+            G_BT[:, t] = running_B
+    return zero_outside(G_BT, mask_BT)
+
+
+def position_mean_baseline_BT(G_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """G_t - b_t with b_t the mean over the rows still running at t of G_t (a per-position batch mean; it
+    includes the row itself, so it is biased by O(1/B), as the plain batch mean of GRPO-style baselines is)."""
+    b_T = zero_outside(G_BT, mask_BT).sum(0) / mask_BT.sum(0).clamp(min=1)
+    return zero_outside(G_BT - b_T, mask_BT)
+
+
+def ppo_surrogate(logprobs_BT, old_logprobs_BT, adv_BT, mask_BT, clip_eps: float):
+    """PPO clipped surrogate, token-mean over the mask: -min(rho A, clip(rho, 1-eps, 1+eps) A),
+    rho = exp(log pi_theta - log pi_old). All inputs (B, T), finite (zeroed) outside the mask. Returns
+    (loss, clip_frac, ppo_kl): clip_frac the fraction of masked-in tokens whose clipped branch is active,
+    ppo_kl the k3 estimate of KL(pi_old || pi_theta) (0 iff every ratio is 1)."""
+    log_ratio_BT = logprobs_BT - old_logprobs_BT.to(logprobs_BT.dtype)
+    ratio_BT = log_ratio_BT.exp()
+    surr1_BT = ratio_BT * adv_BT
+    surr2_BT = ratio_BT.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv_BT
+    loss = token_mean(-torch.minimum(surr1_BT, surr2_BT), mask_BT)
+    clip_frac = masked_mean((surr2_BT < surr1_BT).float(), mask_BT)
+    ppo_kl = masked_mean(ratio_BT - 1.0 - log_ratio_BT, mask_BT)
+    return loss, clip_frac, ppo_kl
+
+
+def _score_function_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, gamma: float) -> LossOutput:
+    if batch.teacher.sampled_logprobs_BT is None:
+        raise ValueError("needs teacher.sampled_logprobs_BT (Needs.teacher_sampled)")
+    mask_BT = batch.loss_mask_BT
+    logq_BT = zero_outside(batch.teacher.sampled_logprobs_BT, mask_BT)
+    old_BT = zero_outside(batch.old_logprobs_BT, mask_BT)
+    logp_BT = selected_logprobs(student, batch.ids_BT[..., None], cfg.chunk_size, mask_BT)[..., 0]
+    r_BT = kl_reward_BT(logq_BT, old_BT, cfg.kl_form)
+    adv_BT = discounted_returns_BT(r_BT, mask_BT, gamma)
+    if cfg.baseline == "mean":
+        adv_BT = position_mean_baseline_BT(adv_BT, mask_BT)
+    loss, clip_frac, ppo_kl = ppo_surrogate(logp_BT, old_BT, adv_BT.to(logp_BT.dtype), mask_BT, cfg.clip_eps)
+    metrics = {"clip_frac": clip_frac, "reward": masked_mean(r_BT, mask_BT), "ppo_kl": ppo_kl,
+               "kl": masked_mean(old_BT.float() - logq_BT.float(), mask_BT),
+               "advantage": masked_mean(adv_BT, mask_BT)}
+    return LossOutput(loss=loss, metrics=metrics, advantages_BT=adv_BT.detach())
+
+
+def sampled_token_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> LossOutput:
+    """Sampled-token OPD, the paper's baseline (arXiv 2603.25562, "Estimators": sampled-token OPD, g_gamma).
+
+    r_t = log q(y_t) - log pi_old(y_t) (``kl_form`` k1; k2/k3 see :func:`kl_reward_BT`), A_t = sum_{t'>=t}
+    gamma^(t'-t) r_t' (``gamma`` = 0: A_t = r_t), no normalisation, no baseline unless ``baseline: mean``;
+    loss = token-mean over the mask of the PPO clipped surrogate (``clip_eps``), rho = pi_theta/pi_old with
+    pi_theta = softmax(student z), z already divided by ``student.temperature``: the ratio is taken at the
+    sampling temperature, like ``batch.old_logprobs_BT``. On-policy (rho = 1) and gamma = 0,
+    E_y[grad] = grad sum_v p(v)(log p(v) - log q(v)) per position.
+
+    student: head with grad; batch.ids_BT long; loss_mask_BT bool; old_logprobs_BT and
+    teacher.sampled_logprobs_BT (B, T) float32. Reward and return are float32 without grad; masked-out positions
+    get no reward, no loss and exactly zero gradient.
+    Metrics: clip_frac, reward (mean r_t), kl (mean log pi_old - log q), ppo_kl, advantage.
+    """
+    return _score_function_loss(student, batch, cfg, cfg.gamma)
+
+
+def seq_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> LossOutput:
+    """Sequence-level reverse KL: :func:`sampled_token_loss` with gamma forced to 1 (``cfg.gamma`` ignored).
+
+    grad = E[sum_t (sum_{t'>=t} r_t') s_t] (arXiv 2603.25562, "Estimators": sequence-level reverse KL), the
+    unbiased score-function gradient of KL(P_theta(y_{1:T}) || Q(y_{1:T})) on-policy. ``baseline: mean``
+    subtracts, per position t, the batch mean of G_t over the rows still running at t
+    (:func:`position_mean_baseline_BT`).
+    """
+    return _score_function_loss(student, batch, cfg, 1.0)
+
+
+def _needs_sampled(cfg: EstimatorConfig) -> Needs:
+    return Needs(teacher_sampled=True)
+
+
+ESTIMATORS["sampled_token"] = EstimatorSpec(loss=sampled_token_loss, needs=_needs_sampled)
+ESTIMATORS["seq_rkl"] = EstimatorSpec(loss=seq_rkl_loss, needs=_needs_sampled)

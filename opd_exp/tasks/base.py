@@ -1,0 +1,53 @@
+"""The Task protocol and registry: what the loop, the evaluation and the bootstrap ask of a task.
+
+    task = make_task(cfg.task)                  # TASKS[cfg.task.name](cfg.task)
+    ids = task.prompt_ids(tokenizer, task.train[i])    # rendered with the pair's own chat template
+    ok = task.grade(response_text, example)            # lenient: the answer, wherever the response stopped
+
+Nothing in the loop names a concrete task. A single-turn task answers ``episode(example)`` with None; a
+multi-turn task returns an environment episode that the rollout backend plays, appending the environment's
+observation tokens to the context (in the attention mask, out of the loss mask: Rollout.action_mask_BT).
+The evaluation reports a strict accuracy beside :meth:`Task.grade`'s lenient one: a response that never wrote
+its end token is wrong, whatever it contains.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from opd_exp.config import TaskConfig
+from opd_exp.config.validation import ConfigError
+
+
+class Task(Protocol):
+    """Prompts, splits and a grader (see the module docstring)."""
+
+    name: str
+    train: Sequence[Any]  # training examples (prompts)
+    eval_splits: dict[str, list[Any]]  # split name -> held-out examples
+
+    def prompt_ids(self, tokenizer, example: Any) -> list[int]:
+        """Token ids of the example's prompt rendered with ``tokenizer``'s chat template, ending with the
+        assistant's generation prompt."""
+
+    def grade(self, response_text: str, example: Any) -> bool:
+        """True when the response answers the example correctly (lenient: ignores whether it ended)."""
+
+    def episode(self, example: Any) -> Any | None:
+        """A multi-turn environment episode for ``example``, or None for a single-turn task."""
+
+
+def task_registry() -> dict[str, type]:
+    """name -> Task class (imported here, so that importing the protocol stays cheap)."""
+    from opd_exp.tasks.math import MathTask
+
+    return {"math": MathTask}
+
+
+def make_task(cfg: TaskConfig) -> Task:
+    """The task ``cfg.name`` names, or a ConfigError listing the registered ones."""
+    registry = task_registry()
+    if cfg.name not in registry:
+        raise ConfigError("task.name", f"got {cfg.name!r}, allowed values: {', '.join(sorted(registry))}")
+    return registry[cfg.name](cfg)
