@@ -111,7 +111,8 @@ def test_sigterm_to_a_parallel_sweep_reaches_its_workers(smoke, tmp_path):
     assert not [pid for pid in workers if alive(pid)]
     cells = [d for d in sweep.glob("*") if (d / "run_summary.json").exists()]
     statuses = [smoke.summary(d)["status"] for d in cells]
-    assert statuses == ["interrupted", "interrupted"], (statuses, [smoke.summary(d).get("error") for d in cells], err[-3000:])
+    errors = [smoke.summary(d).get("error") for d in cells]
+    assert statuses == ["interrupted", "interrupted"], (statuses, errors, err[-3000:])
     assert all(ckpt_step(d) == smoke.summary(d)["interrupted_at_step"] < 500 for d in cells)
 
 
