@@ -219,3 +219,15 @@ def test_raw_samples_columns_subsampling_and_roundtrip(tmp_path):
     with np.load(path) as f:
         assert f["token_id"].tolist() == raw["token_id"].tolist()
         assert f["pos_signal_ids"].tolist() == [6] and f["pos_signal_shares"] == pytest.approx([1.0])
+
+
+def test_diagnostic_rows_survive_log_every(smoke, tmp_path):
+    """train.log_every=4 writes train/ rows every 4 steps, but a diagnostics step (every diag_every, and the last)
+    is always written (they were dropped when the step was not a multiple of log_every)."""
+    run = tmp_path / "run"
+    summary = smoke.execute(run, "estimator=topk_rkl", "estimator.top_k=8", "train.log_every=4",
+                            "train.diag_every=3", "train.diag_top_k=16")
+    assert summary["status"] == "completed"
+    rows = [r for r in smoke.metrics(run) if "step" in r and any(k.startswith("diag/") for k in r)]
+    assert [r["step"] for r in rows] == [0, 3, 5]  # smoke: 6 steps; diag at 0, 3 and the last
+    assert [r["step"] for r in smoke.metrics(run) if "train/loss" in r] == [0, 3, 5]  # step 3: log_every

@@ -43,3 +43,28 @@ def test_mean_ci_normal_approximation():
     sd = math.sqrt(sum((v - 0.5) ** 2 for v in [0.0, 1.0] * 50) / 99)
     assert hi - mean == pytest.approx(1.959963984540054 * sd / 10)
     assert math.isnan(mean_ci([1.0])[1])
+
+
+def test_strict_accuracy_fails_a_response_that_never_ended():
+    """A response cut at the length cap scores in the lenient grade (the answer is in it) but not in the strict
+    one; an ended correct response scores in both; a wrong one in neither."""
+    import torch
+
+    from opd_exp.config import TaskConfig
+    from opd_exp.models.tokenization import build_tokenizer
+    from opd_exp.rollout import Rollout
+    from opd_exp.tasks.math import Example, MathTask
+    from opd_exp.train.evaluate import _graded
+
+    tok = build_tokenizer()
+    task = MathTask(TaskConfig(n_train=8, n_eval=2, eval_splits={"id": {}}))
+    examples = [Example("Q:1+2=?", 3, "1+2=3", "id")] * 3
+    texts = ["A:3<|im_end|>", "A:3A:3A:3", "A:4<|im_end|>"]
+    ids = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    T = max(map(len, ids))
+    ids_BT = torch.tensor([row + [tok.pad_token_id] * (T - len(row)) for row in ids])
+    ro = Rollout(prompt_ids_BP=torch.zeros(3, 1, dtype=torch.long), prompt_mask_BP=torch.ones(3, 1, dtype=torch.bool),
+                 completion_ids_BT=ids_BT, completion_mask_BT=ids_BT != tok.pad_token_id,
+                 sample_logprobs_BT=torch.zeros(3, T), truncated_B=torch.tensor([False, True, False]),
+                 prompt_index_B=torch.arange(3))
+    assert _graded(task, tok, ro, examples) == [(True, True), (True, False), (False, False)]

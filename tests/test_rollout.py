@@ -1,10 +1,10 @@
 import pytest
 import torch
+from reference_forward import completion_logits
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd_exp.config import SamplingConfig
 from opd_exp.rollout import completion_mask, left_pad, rollout
-from opd_exp.rollout.hf import completion_logits
 
 V, EOS, PAD = 12, 1, 0
 

@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
+from reference_forward import completion_logits
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from opd_exp.config import SamplingConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.rollout import BACKENDS, HFGenerateBackend, Rollout, make_backend, rollout
-from opd_exp.rollout.hf import SampledLogprobRecorder, completion_logits
+from opd_exp.rollout.hf import SampledLogprobRecorder
 
 V, EOS, PAD, BOS = 300, 1, 0, 2
 PROMPTS = [[BOS, 5, 6, 7, 8], [BOS, 9], [BOS, 10, 11]]

@@ -30,10 +30,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opd_exp.config import SamplingConfig
-from opd_exp.rollout.base import BACKENDS, Rollout, completion_mask, left_pad, rollout, stop_ids
+from opd_exp.rollout.base import BACKENDS, Rollout, completion_mask, left_pad
 
-__all__ = ["HFGenerateBackend", "Rollout", "SampledLogprobRecorder", "Temperature", "TopP", "VocabSlice",
-           "completion_logits", "completion_mask", "left_pad", "rollout", "sampling_processors", "stop_ids"]
+__all__ = ["HFGenerateBackend", "SampledLogprobRecorder", "Temperature", "TopP", "VocabSlice", "sampling_processors"]
 
 # GenerationConfig fields that make ``generate`` add a logits processor or warper of its own
 SCORE_FIELDS = ("guidance_scale", "sequence_bias", "encoder_repetition_penalty", "repetition_penalty",
@@ -183,16 +182,3 @@ class HFGenerateBackend:
 
 
 BACKENDS["hf"] = HFGenerateBackend
-
-
-def completion_logits(model, ro: Rollout) -> torch.Tensor:
-    """Legacy (to be replaced by the head-based scorer; nothing new should call it): logits (B, T, V_rows) of
-    ``model`` at the completion positions, row t predicting ``completion_ids_BT[:, t]``. Position ids follow the
-    attention mask (left padding does not shift them), the convention ``generate`` uses."""
-    device = next(model.parameters()).device
-    ids = torch.cat([ro.prompt_ids_BP, ro.completion_ids_BT], dim=1).to(device)
-    attn = torch.cat([ro.prompt_mask_BP, ro.completion_mask_BT], dim=1).to(device)
-    position_ids = (attn.long().cumsum(-1) - 1).clamp(min=0)
-    logits = model(input_ids=ids, attention_mask=attn.long(), position_ids=position_ids).logits
-    P, T = ro.prompt_ids_BP.shape[1], ro.completion_ids_BT.shape[1]
-    return logits[:, P - 1: P + T - 1]

@@ -177,10 +177,10 @@ def check_pair_tokenizers(pair: ModelPair, task: Task) -> None:
     since no vocabulary mapping is implemented and the teacher would score the student's ids as its own."""
     if pair.teacher_tokenizer is pair.tokenizer:
         return
-    c = task.convention
-    report = audit_tokenizers(pair.teacher_tokenizer, pair.tokenizer,
-                              probes={"think_open": c.think_open, "think_close": c.think_close,
-                                      "answer_prefix": c.answer_prefix, "end": c.end})
+    c = getattr(task, "convention", None)  # a task with a response convention has its markers probed
+    probes = {} if c is None else {"think_open": c.think_open, "think_close": c.think_close,
+                                   "answer_prefix": c.answer_prefix, "end": c.end}
+    report = audit_tokenizers(pair.teacher_tokenizer, pair.tokenizer, probes=probes)
     try:
         check_pair_compatible(report, mapping=None)
     except ValueError as err:
