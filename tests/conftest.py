@@ -198,3 +198,11 @@ def sweep4(smoke, tmp_path_factory):
     res = smoke.cli(*Smoke.SWEEP4, sweep_dir=sweep_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     return sweep_dir, res
+
+
+def pytest_collection_modifyitems(items):
+    """Every test that uses the bootstrapped smoke pair (the real CLI, in a subprocess or in-process) is `slow`:
+    `pytest -m "not slow"` runs the rest in under two minutes; plain `pytest` runs everything."""
+    for item in items:
+        if "smoke" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

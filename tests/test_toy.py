@@ -230,6 +230,7 @@ def test_exact_cell_rows_and_exponents(tmp_path):
     assert out["results"]["var_exponent/gamma1.0"] > 0
 
 
+@pytest.mark.slow  # the real CLI in subprocesses
 @pytest.mark.skipif(os.environ.get("OPD_EXP_SKIP_CLI") == "1", reason="CLI smoke disabled")
 def test_cli_sweeps_and_report(tmp_path):
     """The real entrypoint (hydra.mode=MULTIRUN from the experiment files, no -m), then the report."""
