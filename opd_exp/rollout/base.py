@@ -8,7 +8,7 @@
 Layout: prompts are left-padded to P tokens, completions right-padded to T tokens, so that the completion
 starts at column P for every row. A backend never samples an id >= ``vocab_size`` (the tokenizer's length):
 real checkpoints pad their embedding beyond the tokenizer (Qwen2.5-7B: 152,064 rows for 151,646 ids), and those
-rows are not tokens. Backends register themselves in :data:`BACKENDS` (``opd_exp.rollout.hf`` adds "hf").
+rows are not tokens. The registry of backends is :mod:`opd_exp.rollout.registry`.
 """
 
 from __future__ import annotations
@@ -72,19 +72,6 @@ class RolloutBackend(Protocol):
         ...
 
 
-BACKENDS: dict[str, type] = {}  # name (config ``sampling.backend``) -> backend class; filled by the backends
-
-
-def make_backend(name: str) -> RolloutBackend:
-    """A fresh backend registered under ``name``; ConfigError naming ``sampling.backend`` when there is none."""
-    import opd_exp.rollout.hf  # noqa: F401  (registers "hf")
-    from opd_exp.config.validation import ConfigError
-
-    if name not in BACKENDS:
-        raise ConfigError("sampling.backend", f"got {name!r}, allowed values: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]()
-
-
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists to (B, P) long ids and a (B, P) bool mask (P = the longest list)."""
     width = max(len(s) for s in seqs)
@@ -113,16 +100,3 @@ def completion_mask(completion_ids_BT: torch.Tensor, eos_id: int | list[int]) ->
     eos_seen_before = (is_eos.cumsum(-1) - is_eos.long()) > 0
     truncated = ~is_eos.any(-1)
     return ~eos_seen_before, truncated
-
-
-def rollout(model, prompts: list[list[int]], sampling: SamplingConfig, *, eos_id: int | list[int], pad_id: int,
-            vocab_size: int | None = None, n_per_prompt: int | None = None, greedy: bool = False) -> Rollout:
-    """``make_backend(sampling.backend).generate(...)`` in one call. ``eos_id``: the stop id(s), e.g.
-    :func:`stop_ids`; ``vocab_size``: the tokenizer's length (``opd_exp.models.pair.vocab_size``); None = the
-    model's logits width (no slice: only right when the embedding has no padded rows)."""
-    if vocab_size is None:
-        head = model.get_output_embeddings()
-        vocab_size = head.weight.shape[0] if head is not None else model.config.get_text_config().vocab_size
-    stops = [int(e) for e in (eos_id if isinstance(eos_id, (list, tuple)) else [eos_id])]
-    return make_backend(sampling.backend).generate(model, prompts, sampling, stop_ids=stops, pad_id=pad_id,
-                                                   vocab_size=vocab_size, n_per_prompt=n_per_prompt, greedy=greedy)

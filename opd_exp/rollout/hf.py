@@ -30,7 +30,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from opd_exp.config import SamplingConfig
-from opd_exp.rollout.base import BACKENDS, Rollout, completion_mask, left_pad
+from opd_exp.rollout.base import Rollout, completion_mask, left_pad
 
 __all__ = ["HFGenerateBackend", "SampledLogprobRecorder", "Temperature", "TopP", "VocabSlice", "sampling_processors"]
 
@@ -181,4 +181,3 @@ class HFGenerateBackend:
             prompt_index_B=torch.arange(len(prompts)).repeat_interleave(n), action_mask_BT=mask.clone())
 
 
-BACKENDS["hf"] = HFGenerateBackend
