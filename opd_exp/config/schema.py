@@ -26,13 +26,22 @@ class EstimatorConfig:
     name: str = spec("topk_rkl", "estimator name", choices=ESTIMATOR_NAMES)
     gamma: float = spec(0.0, "discount of the reward-to-go: 0 token-level OPD, 1 sequence-level", ge=0.0, le=1.0)
     kl_form: str = spec("k1", "single-sample KL form of the per-token reward", choices=["k1", "k2", "k3"])
+    reset_at_gaps: bool = spec(False, "with gamma > 0, restart the reward-to-go at each gap in the loss mask (the "
+                               "official verl-agent code: a segment's return holds no later segment's rewards)")
     clip_eps: float = spec(0.2, "PPO clip range of the importance ratio", gt=0.0, le=10.0)
+    clip_ratio_c: float | None = spec(None, "dual-clip PPO bound for negative advantages (verl: 3.0); null = off",
+                                      gt=1.0)
+    loss_agg: str = spec("token-mean", "how the per-token loss becomes a scalar (verl's loss_agg_mode): token-mean "
+                         "(the text), seq-mean-token-mean (the official runs: micro-batch 1 + accumulation), "
+                         "seq-mean-token-sum", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
     baseline: str = spec("none", "baseline subtracted from the return", choices=["none", "mean"])
     top_k: int = spec(8, "support size K of topk_rkl (the paper: 32 at V = 152k; 8 on the tiny pair)", ge=1)
     support: str = spec("teacher", "whose top-K forms the support", choices=["teacher", "student"])
     add_sampled: bool = spec(False, "append the sampled token to the support when outside top-K")
-    normalize: str = spec("renormalized", "renormalise both models over the support, or use full log-probs",
-                          choices=["renormalized", "none"])
+    normalize: str = spec("renormalized", "renormalise both models over the support (renormalized), full "
+                          "log-probs (none), or full log-probs in MOPD's unnormalised generalised KL "
+                          "p (log p - log q) - p + q (unnormalized_gkl, arXiv 2606.30406 Eq. 5)",
+                          choices=["renormalized", "none", "unnormalized_gkl"])
     tail: str = spec("none", "tail term outside the support: sampled_is (importance-weighted by the sampler's "
                      "log-probs, the paper's text), sampled_is_official (the official code's biased "
                      "sg(log p - log q) exp(lp - sg lp)), bucket (one tail bucket)",
@@ -173,6 +182,10 @@ def check_estimator_switches(e: EstimatorConfig) -> None:
     if e.tail != "none" and e.normalize == "renormalized":
         raise ConfigError("estimator.tail", f"got {e.tail!r} with estimator.normalize='renormalized'; a tail term "
                           "needs full-vocabulary log-probs: set estimator.normalize=none, or estimator.tail=none")
+    if e.tail != "none" and e.normalize == "unnormalized_gkl":
+        raise ConfigError("estimator.tail", f"got {e.tail!r} with estimator.normalize='unnormalized_gkl'; MOPD's "
+                          "generalised KL (arXiv 2606.30406, Eq. 5) has no tail term (its -p + q terms already "
+                          "account for the mass off the support): set estimator.tail=none")
     if e.tail.startswith("sampled_is") and e.add_sampled:
         raise ConfigError("estimator.add_sampled", f"got true with estimator.tail={e.tail!r}: the sampled token "
                           "would be counted both in the support and in the tail; set estimator.add_sampled=false")

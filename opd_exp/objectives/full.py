@@ -10,7 +10,7 @@ at K = V), plus the forward KL and the generalised JSD of GKD (Agarwal et al., 2
 from __future__ import annotations
 
 from opd_exp.config import EstimatorConfig
-from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, token_mean
+from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, aggregate
 from opd_exp.objectives.batch import Batch
 from opd_exp.objectives.head import LogitsHead
 from opd_exp.objectives.kernels import full_divergence_BT
@@ -20,12 +20,12 @@ def _full_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, kind: st
     if batch.teacher.full is None:
         raise ValueError("needs teacher.full, the teacher's head (Needs.teacher_full)")
     per_pos_BT = full_divergence_BT(student, batch.teacher.full, batch.loss_mask_BT, kind, beta, cfg.chunk_size)
-    loss = token_mean(per_pos_BT, batch.loss_mask_BT)
+    loss = aggregate(per_pos_BT, batch.loss_mask_BT, cfg.loss_agg)
     return LossOutput(loss=loss, metrics={"kl": float(loss.detach())})
 
 
 def full_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> LossOutput:
-    """Exact per-token reverse KL, token-mean over ``batch.loss_mask_BT``:
+    """Exact per-token reverse KL, aggregated over ``batch.loss_mask_BT`` (``loss_agg``, default token-mean):
 
         sum_v p_s(v) (log p_s(v) - log q(v)),   p_s = softmax(student z), q = softmax(teacher z)
 

@@ -6,7 +6,9 @@ arXiv 2603.25562 writes both as one discounted estimator of the reverse-KL gradi
 
 gamma = 0 being token-level (sampled-token) OPD, the paper's baseline, and gamma = 1 the sequence-level reverse
 KL. As in the paper's official code (a verl-agent fork) the return is an advantage in a PPO clipped surrogate;
-no normalisation, no baseline unless ``baseline: mean``.
+no normalisation, no baseline unless ``baseline: mean``. Two switches reproduce what that code computes where it
+departs from the text (both off by default): ``reset_at_gaps`` (the return restarts at gaps in the loss mask)
+and ``clip_ratio_c`` (verl's dual-clip bound on negative-advantage tokens).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from opd_exp.config import EstimatorConfig
-from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, masked_mean, token_mean, zero_outside
+from opd_exp.objectives.base import (
+    ESTIMATORS,
+    EstimatorSpec,
+    LossOutput,
+    Needs,
+    aggregate,
+    masked_mean,
+    zero_outside,
+)
 from opd_exp.objectives.batch import Batch
 from opd_exp.objectives.head import LogitsHead
 from opd_exp.objectives.kernels import compute_dtype, selected_logprobs
@@ -43,17 +53,32 @@ def kl_reward_BT(teacher_logprobs_BT, old_logprobs_BT, kl_form: str) -> torch.Te
     raise ValueError(f"kl_form must be k1|k2|k3, got {kl_form!r}")
 
 
-def discounted_returns_BT(reward_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float) -> torch.Tensor:
+def discounted_returns_BT(reward_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float,
+                          reset_at_gaps: bool = False) -> torch.Tensor:
     """G_t = m_t r_t + gamma G_{t+1}, backwards within each row (arXiv 2603.25562, "Estimators": g_gamma).
 
     Masked-out positions contribute no reward; the time index keeps counting through them (gamma^(t'-t) uses
     real positions). Padding after EOS therefore adds nothing: the sum resets at the end of each response.
     gamma = 0 gives G = r (token-level OPD), gamma = 1 the causal reward-to-go (sequence-level reverse KL).
+
+    ``reset_at_gaps`` (``estimator.reset_at_gaps``): G_t = m_t (r_t + gamma G_{t+1}), i.e. the running sum
+    restarts at every masked-out position, so the return of a contiguous segment of loss tokens holds no reward
+    of a later segment (the official verl-agent code's multi-turn reading, where observations sit between
+    action segments; a masked special token or an entropy-filtered token inside a response is a gap too).
+    Identical to the default at gamma = 0 and on masks without interior gaps.
     (B, T) float in, (B, T) out, zero at masked-out positions.
     """
     r_BT = zero_outside(reward_BT, mask_BT)
     if gamma == 0.0:
         return r_BT
+    if reset_at_gaps:
+        G_BT = torch.empty_like(r_BT)
+        running_B = torch.zeros_like(r_BT[:, 0])
+        zero = torch.zeros((), dtype=r_BT.dtype, device=r_BT.device)
+        for t in range(r_BT.shape[1] - 1, -1, -1):
+            running_B = torch.where(mask_BT[:, t], r_BT[:, t] + gamma * running_B, zero)
+            G_BT[:, t] = running_B
+        return G_BT
     if gamma == 1.0:
         G_BT = r_BT.flip(1).cumsum(1).flip(1)
     else:
@@ -72,19 +97,33 @@ def position_mean_baseline_BT(G_BT: torch.Tensor, mask_BT: torch.Tensor) -> torc
     return zero_outside(G_BT - b_T, mask_BT)
 
 
-def ppo_surrogate(logprobs_BT, old_logprobs_BT, adv_BT, mask_BT, clip_eps: float):
-    """PPO clipped surrogate, token-mean over the mask: -min(rho A, clip(rho, 1-eps, 1+eps) A),
-    rho = exp(log pi_theta - log pi_old). All inputs (B, T), finite (zeroed) outside the mask. Returns
-    (loss, clip_frac, ppo_kl): clip_frac the fraction of masked-in tokens whose clipped branch is active,
-    ppo_kl the k3 estimate of KL(pi_old || pi_theta) (0 iff every ratio is 1)."""
+def ppo_surrogate(logprobs_BT, old_logprobs_BT, adv_BT, mask_BT, clip_eps: float, loss_agg: str = "token-mean",
+                  clip_ratio_c: float | None = None):
+    """PPO clipped surrogate, per token l_t = -min(rho A, clip(rho, 1-eps, 1+eps) A) = max(-A rho, -A clip(rho)),
+    rho = exp(log pi_theta - log pi_old), aggregated over the mask by :func:`aggregate` (``loss_agg``).
+
+    ``clip_ratio_c`` = c (dual-clip PPO, Ye et al. 2020, arXiv 1912.09729; verl's ``compute_policy_loss`` in
+    verl/trainer/ppo/core_algos.py): where A < 0, l_t = min(max(-A rho, -A clip(rho)), -A c), so a token with
+    rho > c and a negative advantage has a constant loss -A c (zero gradient) instead of a loss growing with rho;
+    elsewhere, and with c = None, plain clipping. All inputs (B, T), finite (zeroed) outside the mask. Returns
+    (loss, metrics): clip_frac the fraction of masked-in tokens whose clipped branch is active, ppo_kl the k3
+    estimate of KL(pi_old || pi_theta) (0 iff every ratio is 1) and, with c set, clip_frac_lower the fraction
+    whose dual-clip bound is active (verl's pg_clipfrac_lower: A < 0 and max(-A rho, -A clip(rho)) > -A c)."""
     log_ratio_BT = logprobs_BT - old_logprobs_BT.to(logprobs_BT.dtype)
     ratio_BT = log_ratio_BT.exp()
     surr1_BT = ratio_BT * adv_BT
     surr2_BT = ratio_BT.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv_BT
-    loss = token_mean(-torch.minimum(surr1_BT, surr2_BT), mask_BT)
-    clip_frac = masked_mean((surr2_BT < surr1_BT).float(), mask_BT)
-    ppo_kl = masked_mean(ratio_BT - 1.0 - log_ratio_BT, mask_BT)
-    return loss, clip_frac, ppo_kl
+    loss_BT = -torch.minimum(surr1_BT, surr2_BT)
+    metrics = {}
+    if clip_ratio_c is not None:
+        bound_BT = -adv_BT * clip_ratio_c
+        lower_BT = (adv_BT < 0) & (loss_BT > bound_BT)
+        loss_BT = torch.where(lower_BT, bound_BT, loss_BT)
+        metrics["clip_frac_lower"] = masked_mean(lower_BT.float(), mask_BT)
+    loss = aggregate(loss_BT, mask_BT, loss_agg)
+    metrics["clip_frac"] = masked_mean((surr2_BT < surr1_BT).float(), mask_BT)
+    metrics["ppo_kl"] = masked_mean(ratio_BT - 1.0 - log_ratio_BT, mask_BT)
+    return loss, metrics
 
 
 def _score_function_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, gamma: float) -> LossOutput:
@@ -95,13 +134,14 @@ def _score_function_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig
     old_BT = zero_outside(batch.old_logprobs_BT, mask_BT)
     logp_BT = selected_logprobs(student, batch.ids_BT[..., None], cfg.chunk_size, mask_BT)[..., 0]
     r_BT = kl_reward_BT(logq_BT, old_BT, cfg.kl_form)
-    adv_BT = discounted_returns_BT(r_BT, mask_BT, gamma)
+    adv_BT = discounted_returns_BT(r_BT, mask_BT, gamma, cfg.reset_at_gaps)
     if cfg.baseline == "mean":
         adv_BT = position_mean_baseline_BT(adv_BT, mask_BT)
-    loss, clip_frac, ppo_kl = ppo_surrogate(logp_BT, old_BT, adv_BT.to(logp_BT.dtype), mask_BT, cfg.clip_eps)
-    metrics = {"clip_frac": clip_frac, "reward": masked_mean(r_BT, mask_BT), "ppo_kl": ppo_kl,
-               "kl": masked_mean(old_BT.float() - logq_BT.float(), mask_BT),
-               "advantage": masked_mean(adv_BT, mask_BT)}
+    loss, ppo_metrics = ppo_surrogate(logp_BT, old_BT, adv_BT.to(logp_BT.dtype), mask_BT, cfg.clip_eps,
+                                      cfg.loss_agg, cfg.clip_ratio_c)
+    metrics = {"clip_frac": ppo_metrics.pop("clip_frac"), "reward": masked_mean(r_BT, mask_BT),
+               "ppo_kl": ppo_metrics.pop("ppo_kl"), "kl": masked_mean(old_BT.float() - logq_BT.float(), mask_BT),
+               "advantage": masked_mean(adv_BT, mask_BT), **ppo_metrics}
     return LossOutput(loss=loss, metrics=metrics, advantages_BT=adv_BT.detach())
 
 
@@ -110,7 +150,8 @@ def sampled_token_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) 
 
     r_t = log q(y_t) - log pi_old(y_t) (``kl_form`` k1; k2/k3 see :func:`kl_reward_BT`), A_t = sum_{t'>=t}
     gamma^(t'-t) r_t' (``gamma`` = 0: A_t = r_t), no normalisation, no baseline unless ``baseline: mean``;
-    loss = token-mean over the mask of the PPO clipped surrogate (``clip_eps``), rho = pi_theta/pi_old with
+    loss = aggregate over the mask (``loss_agg``, default token-mean) of the PPO clipped surrogate (``clip_eps``;
+    dual-clip with ``clip_ratio_c``, see :func:`ppo_surrogate`), rho = pi_theta/pi_old with
     pi_theta = softmax(student z), z already divided by ``student.temperature``: the ratio is taken at the
     sampling temperature, like ``batch.old_logprobs_BT``. On-policy (rho = 1) and gamma = 0,
     E_y[grad] = grad sum_v p(v)(log p(v) - log q(v)) per position.
@@ -118,7 +159,9 @@ def sampled_token_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) 
     student: head with grad; batch.ids_BT long; loss_mask_BT bool; old_logprobs_BT and
     teacher.sampled_logprobs_BT (B, T) float32. Reward and return are float32 without grad; masked-out positions
     get no reward, no loss and exactly zero gradient.
-    Metrics: clip_frac, reward (mean r_t), kl (mean log pi_old - log q), ppo_kl, advantage.
+    ``reset_at_gaps``: the return restarts at gaps in the mask (:func:`discounted_returns_BT`).
+    Metrics: clip_frac, reward (mean r_t), kl (mean log pi_old - log q), ppo_kl, advantage, and with
+    ``clip_ratio_c`` set clip_frac_lower.
     """
     return _score_function_loss(student, batch, cfg, cfg.gamma)
 

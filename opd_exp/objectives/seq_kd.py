@@ -4,20 +4,21 @@ arXiv 2603.25562."""
 from __future__ import annotations
 
 from opd_exp.config import EstimatorConfig
-from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, token_mean
+from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, aggregate
 from opd_exp.objectives.batch import Batch
 from opd_exp.objectives.head import LogitsHead
 from opd_exp.objectives.kernels import selected_logprobs
 
 
 def seq_kd_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> LossOutput:
-    """loss = token-mean over ``batch.loss_mask_BT`` of -log p_s(y_t), y ~ q (the teacher sampled the rows).
+    """loss = aggregate over ``batch.loss_mask_BT`` (``loss_agg``, default token-mean) of -log p_s(y_t), y ~ q
+    (the teacher sampled the rows).
 
     Needs rollout_policy="teacher" and no teacher scores. student: head with grad (any float dtype, float32
     inside); batch.ids_BT long. Positions outside the mask are never computed (exactly zero gradient there).
     """
     logp_BT = selected_logprobs(student, batch.ids_BT[..., None], cfg.chunk_size, batch.loss_mask_BT)[..., 0]
-    loss = token_mean(-logp_BT, batch.loss_mask_BT)
+    loss = aggregate(-logp_BT, batch.loss_mask_BT, cfg.loss_agg)
     return LossOutput(loss=loss, metrics={"nll": float(loss.detach())})
 
 

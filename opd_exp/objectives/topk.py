@@ -4,8 +4,8 @@ Per response position t, with S_t a set of K token ids (K + 1 with the sampled t
 
     sum_{v in S_t} p_s(v) [log p_s(v) - log p_t(v)]  (+ a tail term for the mass outside S_t)
 
-back-propagated analytically through the student's head (not an advantage) and token-averaged over the mask
-("Estimators": LSM and the support-set variants of the paper's Table 4 ablation):
+back-propagated analytically through the student's head (not an advantage) and aggregated over the mask
+(``loss_agg``; "Estimators": LSM and the support-set variants of the paper's Table 4 ablation):
 
     V1  teacher top-K, renormalised over S_t (the paper's default)      support=teacher
     V2  student (pi_old) top-K + the sampled token, renormalised        support=student add_sampled=true
@@ -16,6 +16,11 @@ back-propagated analytically through the student's head (not an advantage) and t
 ``tail: sampled_is`` is the text's importance-weighted tail (weighted by the sampler's own probability, so
 unbiased); ``tail: sampled_is_official`` is what the official verl-agent code computes (biased, see
 :func:`_sampled_tail_BT`); ``tail: bucket`` one bucket holding each model's mass outside S_t.
+
+``normalize: unnormalized_gkl`` is MOPD's top-K objective (arXiv 2606.30406, Eq. 5): full-vocabulary
+(unrenormalised) probabilities in the generalised KL of unnormalised measures,
+sum_{v in S_t} [p_s (log p_s - log p_t) - p_s + p_t], non-negative per term, zero with zero gradient at
+p_s = p_t, and the full reverse KL at K = V; no tail term.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 
 from opd_exp.config import EstimatorConfig
 from opd_exp.config.validation import ConfigError
-from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, masked_mean, token_mean, zero_outside
+from opd_exp.objectives.base import ESTIMATORS, EstimatorSpec, LossOutput, Needs, aggregate, masked_mean, zero_outside
 from opd_exp.objectives.batch import Batch
 from opd_exp.objectives.head import LogitsHead
 from opd_exp.objectives.kernels import compute_dtype, selected_logprobs, support_logits
@@ -38,6 +43,9 @@ def _check_topk_cfg(cfg: EstimatorConfig) -> None:
     if cfg.tail != "none" and cfg.normalize == "renormalized":
         raise ConfigError("estimator.tail", f"got {cfg.tail!r} with normalize='renormalized'; a tail term needs "
                           "full-vocabulary log-probs: set estimator.normalize=none")
+    if cfg.tail != "none" and cfg.normalize == "unnormalized_gkl":
+        raise ConfigError("estimator.tail", f"got {cfg.tail!r} with normalize='unnormalized_gkl'; MOPD's "
+                          "generalised KL has no tail term: set estimator.tail=none")
     if cfg.tail in SAMPLED_TAILS and cfg.add_sampled:
         raise ConfigError("estimator.add_sampled", f"got true with tail={cfg.tail!r}: the sampled token would "
                           "be counted both in the support and in the tail (biased); set add_sampled=false")
@@ -111,7 +119,8 @@ def _sampled_tail_BT(logp_y_BT, batch: Batch, ids_BTK, official: bool) -> torch.
 
 
 def _support_logprobs(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, ids_BTK, logq_BTK, valid_BTK):
-    """(log p_s on S, log p_t on S, log p_s(y_t) or None): renormalised over S_t, or full-vocabulary."""
+    """(log p_s on S, log p_t on S, log p_s(y_t) or None): renormalised over S_t, or full-vocabulary
+    (``normalize`` none and unnormalized_gkl)."""
     mask_BT, K = batch.loss_mask_BT, ids_BTK.shape[-1]
     cdtype = compute_dtype(student.hidden_BTH.dtype)
     logq_BTK = logq_BTK.to(cdtype)
@@ -126,13 +135,14 @@ def _support_logprobs(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, i
 
 
 def topk_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> LossOutput:
-    """LSM and V1-V5 (module docstring), token-mean over ``batch.loss_mask_BT`` of
+    """LSM and V1-V5 (module docstring), aggregated over ``batch.loss_mask_BT`` (``loss_agg``) of
 
         sum_{v in S_t} p_s(v) [log p_s(v) - log p_t(v)]  (+ tail term)
 
     - ``normalize: renormalized``: p_s, p_t = softmax over S_t of the student's logits z[S_t] (K rows of W
       gathered, never the other V - K logits) and of the teacher's log-probs (V1-V3); ``none``: full-vocabulary
-      log-probs on S_t (V4/V5).
+      log-probs on S_t (V4/V5); ``unnormalized_gkl``: full-vocabulary, per position
+      sum_{v in S_t} [p_s (log p_s - log p_t) - p_s + p_t] (MOPD, arXiv 2606.30406 Eq. 5; no tail).
     - ``tail: sampled_is``, y_t ~ pi_sampler: E[tail] = sum_{v not in S, pi_sampler(v) > 0} p_s (log p_s - log q)
       in value and gradient (the +1 of grad [p (log p - log q)] comes from differentiating w_t); with top-p = 1
       this makes the loss unbiased for the full reverse KL. ``sampled_is_official``: E[grad] =
@@ -151,7 +161,10 @@ def topk_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> Lo
     logp_BTK, logq_BTK, logp_y_BT = _support_logprobs(student, batch, cfg, ids_BTK, logq_BTK, valid_BTK)
     zero = torch.zeros((), dtype=logp_BTK.dtype, device=logp_BTK.device)
     logp0_BTK, logq0_BTK = torch.where(valid_BTK, logp_BTK, zero), torch.where(valid_BTK, logq_BTK, zero)
-    per_pos_BT = (torch.where(valid_BTK, logp0_BTK.exp(), zero) * (logp0_BTK - logq0_BTK)).sum(-1)
+    p0_BTK = torch.where(valid_BTK, logp0_BTK.exp(), zero)
+    per_pos_BT = (p0_BTK * (logp0_BTK - logq0_BTK)).sum(-1)
+    if cfg.normalize == "unnormalized_gkl":
+        per_pos_BT = per_pos_BT + (torch.where(valid_BTK, logq0_BTK.exp(), zero) - p0_BTK).sum(-1)
     metrics = {"support_kl": masked_mean(per_pos_BT, mask_BT),
                "teacher_support_mass": masked_mean(torch.where(valid_BTK, logq0_BTK.exp(), zero).sum(-1), mask_BT)}
     if cfg.add_sampled:
@@ -161,7 +174,7 @@ def topk_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> Lo
     elif cfg.tail in SAMPLED_TAILS:
         per_pos_BT = per_pos_BT + _sampled_tail_BT(logp_y_BT, batch, ids_BTK, cfg.tail == "sampled_is_official")
         metrics["tail_outside_frac"] = masked_mean((ids_BTK != batch.ids_BT[..., None]).all(-1).float(), mask_BT)
-    loss = token_mean(per_pos_BT, mask_BT)
+    loss = aggregate(per_pos_BT, mask_BT, cfg.loss_agg)
     metrics["kl"] = float(loss.detach())
     return LossOutput(loss=loss, metrics=metrics)
 
