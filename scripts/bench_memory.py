@@ -191,16 +191,20 @@ def run_child(estimator: str, T: int, vocab: int, pair_root: Path) -> dict:
 def write(rows: list[dict]) -> None:
     import pandas as pd
 
+    from opd_exp.toy.stats import to_markdown
+
     OUT.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(rows)
+    frame = frame.sort_values(["estimator", "V", "T"], kind="stable")
     frame.to_csv(OUT / "memory.csv", index=False)
     note = ("Peak RSS of one OPD step (4 prompts x 2 rollouts, K = 32, random Qwen2-shaped pair, CPU, 2 threads), "
             "each row a fresh process. rollout/scoring/update: peak RSS during that phase minus the RSS with "
             "both models loaded (MB); step_peak_rss_mb: the whole step's absolute peak; cli_peak_mb: the "
-            "whole `opd-exp` run (loading, a 4-prompt evaluation, one step, checkpoint). Command: "
+            "whole `opd-exp` run (loading, a 4-prompt evaluation, one step, checkpoint), for topk_rkl and "
+            "full_rkl (`--cli-all`: every objective). Command: "
             "`python scripts/bench_memory.py`.")
-    (OUT / "memory.md").write_text(f"# Memory of one OPD step\n\n{note}\n\n{frame.to_markdown(index=False)}\n")
-    print(frame.to_string(index=False))
+    (OUT / "memory.md").write_text(f"# Memory of one OPD step\n\n{note}\n\n{to_markdown(frame)}")
+    print(frame.tail(1).to_string(index=False, header=False), flush=True)
 
 
 def main() -> None:
@@ -222,13 +226,14 @@ def main() -> None:
         wants_cli = args.cli_all or name in ("topk_rkl", "full_rkl")
         row["cli_peak_mb"] = cli_peak(name, 256, 151646, pair_root) if wants_cli and "error" not in row else None
         rows.append(row)
-        print(row, flush=True)
+        write(rows)  # after every row: a long benchmark stopped half-way keeps what it measured
     for name in ("topk_rkl", "full_rkl"):  # growth with T at the real V, and with V at T = 256
         for T in (64, 128):
             rows.append(run_child(name, T, 151646, pair_root))
+            write(rows)
         for vocab in (16384,) if args.quick else (16384, 65536):
             rows.append(run_child(name, 256, vocab, pair_root))
-    write(rows)
+            write(rows)
 
 
 if __name__ == "__main__":
