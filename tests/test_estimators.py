@@ -212,7 +212,8 @@ def test_topk_rejects_incoherent_switches():
 
 def test_needs():
     needs = {name: ESTIMATORS[name].needs(EstimatorConfig(name=name, top_k=32)) for name in ESTIMATORS}
-    assert set(needs) == {"sampled_token", "seq_rkl", "full_rkl", "forward_kl", "jsd", "topk_rkl", "seq_kd"}
+    assert set(needs) == {"sampled_token", "seq_rkl", "full_rkl", "forward_kl", "jsd", "topk_rkl", "seq_kd",
+                          "vopd", "power_opd"}
     assert needs["sampled_token"].teacher_sampled and not needs["sampled_token"].teacher_full
     assert needs["full_rkl"].teacher_full and needs["jsd"].teacher_full and needs["forward_kl"].teacher_full
     assert needs["topk_rkl"].teacher_topk == 32 and not needs["topk_rkl"].teacher_sampled

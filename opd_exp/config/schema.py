@@ -15,7 +15,8 @@ from typing import Any
 
 from opd_exp.config.validation import ConfigError, spec, validate
 
-ESTIMATOR_NAMES = ["sampled_token", "seq_rkl", "full_rkl", "forward_kl", "jsd", "topk_rkl", "seq_kd"]
+ESTIMATOR_NAMES = ["sampled_token", "seq_rkl", "full_rkl", "forward_kl", "jsd", "topk_rkl", "seq_kd", "vopd",
+                   "power_opd"]
 RUNNER_NAMES = ["opd", "toy_gamma", "toy_exact"]
 
 
@@ -48,6 +49,14 @@ class EstimatorConfig:
                      choices=["none", "sampled_is", "sampled_is_official", "bucket"])
     beta: float = spec(0.5, "generalised JSD mixture weight: 0 forward KL, 1 reverse KL", ge=0.0, le=1.0)
     chunk_size: int = spec(1024, "positions per chunk for full-vocabulary losses", ge=1)
+    vopd_value: str = spec("full", "where vopd's value baseline V_t = -KL_t(p || q) is computed: the full "
+                           "vocabulary (full), or renormalised over pi_old's (student_topk, the paper's top-k "
+                           "approximation) or the teacher's (teacher_topk) top_k ids",
+                           choices=["full", "student_topk", "teacher_topk"])
+    power_alpha: float = spec(5.0, "power_opd's Box-Cox exponent alpha > 0 (the official run script's 5; "
+                              "alpha -> 0 recovers the log-ratio)", gt=0.0)
+    power_rescale: bool = spec(True, "power_opd: divide the reward by alpha (Box-Cox, (q^a - pi_old^a)/a); "
+                               "false = the official code's q^a - pi_old^a")
     entropy_top_q: float = spec(1.0, "train only on this fraction of highest-entropy tokens (1 = off)",
                                 gt=0.0, le=1.0)
 

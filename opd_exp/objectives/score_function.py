@@ -27,7 +27,7 @@ from opd_exp.objectives.base import (
 )
 from opd_exp.objectives.batch import Batch
 from opd_exp.objectives.head import LogitsHead
-from opd_exp.objectives.kernels import compute_dtype, selected_logprobs
+from opd_exp.objectives.kernels import compute_dtype, full_divergence_BT, selected_logprobs
 
 
 def kl_reward_BT(teacher_logprobs_BT, old_logprobs_BT, kl_form: str) -> torch.Tensor:
@@ -51,6 +51,63 @@ def kl_reward_BT(teacher_logprobs_BT, old_logprobs_BT, kl_form: str) -> torch.Te
         log_rho = log_rho.clamp(-20.0, 20.0)
         return -(log_rho.exp() - 1.0 - log_rho)
     raise ValueError(f"kl_form must be k1|k2|k3, got {kl_form!r}")
+
+
+def power_reward_BT(teacher_logprobs_BT, old_logprobs_BT, alpha: float, rescale: bool = True) -> torch.Tensor:
+    """PowerOPD's per-token reward (arXiv 2606.17199; official code EIT-NLP/PowerOPD, opd_dynamics/trainer.py,
+    ``power_diff_full``): the Box-Cox power transform B_alpha(x) = (x^alpha - 1)/alpha applied to the teacher's
+    and the old student's probability of the sampled token, differenced,
+
+        r_t = B_alpha(q(y_t)) - B_alpha(pi_old(y_t)) = (q(y_t)^alpha - pi_old(y_t)^alpha) / alpha,
+
+    which tends to log q - log pi_old (the k1 log-ratio) as alpha -> 0, lies in [-1/alpha, 1/alpha] for alpha > 0
+    and has the sign of the log-ratio. ``rescale`` false drops the 1/alpha: r_t = q^alpha - pi_old^alpha in
+    [-1, 1], what the official code and README compute (a constant factor alpha on every advantage). Computed as
+    expm1(alpha log q) - expm1(alpha log pi_old) so small alpha keeps full precision. (B, T) in, (B, T) float32
+    out (float64 for float64 inputs).
+    """
+    cdtype = compute_dtype(teacher_logprobs_BT.dtype)
+    r_BT = torch.expm1(alpha * teacher_logprobs_BT.to(cdtype)) - torch.expm1(alpha * old_logprobs_BT.to(cdtype))
+    return r_BT / alpha if rescale else r_BT
+
+
+def vopd_value_BT(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> torch.Tensor:
+    """vOPD's per-position value baseline V_t = -KL_t(p || q) (arXiv 2605.07865, "KL for a KL"; official code
+    holi-lab/vOPD, src/opd_trainer.py), no grad, (B, T) float32 (float64 for a float64 head), 0 outside the mask.
+
+    p = softmax(student z) is the current student's distribution at position t (pi_old's at the first PPO
+    epoch), q the teacher's. ``vopd_value`` picks where the KL is taken:
+
+      full          sum_v p(v) (log p(v) - log q(v)) over the V ids, chunked (needs the teacher's head)
+      student_topk  over pi_old's top-K ids, both distributions renormalised over those K (the paper's top-k
+                    approximation; the official code takes the student's top-K, ``kl_top_k`` = 100)
+      teacher_topk  the same over the teacher's top-K ids
+
+    V_t does not depend on the sampled y_t, so subtracting it leaves the expected gradient unchanged.
+    """
+    mask_BT = batch.loss_mask_BT
+    with torch.no_grad():
+        if cfg.vopd_value == "full":
+            if batch.teacher.full is None:
+                raise ValueError("needs teacher.full, the teacher's head (Needs.teacher_full)")
+            kl_BT = full_divergence_BT(student, batch.teacher.full, mask_BT, "rkl", 1.0, cfg.chunk_size)
+        else:
+            if cfg.vopd_value == "student_topk":
+                ids_BTK, logq_BTK = batch.teacher.student_topk_ids_BTK, batch.teacher.at_student_topk_logprobs_BTK
+            elif cfg.vopd_value == "teacher_topk":
+                ids_BTK, logq_BTK = batch.teacher.topk_ids_BTK, batch.teacher.topk_logprobs_BTK
+            else:
+                raise ValueError(f"vopd_value must be full|student_topk|teacher_topk, got {cfg.vopd_value!r}")
+            if ids_BTK is None or logq_BTK is None:
+                raise ValueError(f"vopd_value={cfg.vopd_value} needs the batch's top-K ids and teacher log-probs")
+            ids_BTK = zero_outside(ids_BTK, mask_BT)
+            logp_BTK = selected_logprobs(student, ids_BTK, cfg.chunk_size, mask_BT)
+            logq_BTK = zero_outside(logq_BTK, mask_BT).to(logp_BTK.dtype)
+            logp_BTK = logp_BTK - logp_BTK.logsumexp(-1, keepdim=True)
+            logq_BTK = logq_BTK - logq_BTK.logsumexp(-1, keepdim=True)
+            kl_BTK = logp_BTK.exp() * (logp_BTK - logq_BTK)
+            kl_BT = kl_BTK.sum(-1)
+        return zero_outside(-kl_BT, mask_BT)
 
 
 def discounted_returns_BT(reward_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float,
@@ -126,22 +183,35 @@ def ppo_surrogate(logprobs_BT, old_logprobs_BT, adv_BT, mask_BT, clip_eps: float
     return loss, metrics
 
 
-def _score_function_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, gamma: float) -> LossOutput:
+def _score_function_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, gamma: float,
+                         reward: str = "kl") -> LossOutput:
+    """``reward``: "kl" (:func:`kl_reward_BT`, ``kl_form``), "power" (:func:`power_reward_BT`) or "vopd"
+    (k1 minus the detached value baseline of :func:`vopd_value_BT`; token-level, ``gamma``/``baseline`` unread)."""
     if batch.teacher.sampled_logprobs_BT is None:
         raise ValueError("needs teacher.sampled_logprobs_BT (Needs.teacher_sampled)")
     mask_BT = batch.loss_mask_BT
     logq_BT = zero_outside(batch.teacher.sampled_logprobs_BT, mask_BT)
     old_BT = zero_outside(batch.old_logprobs_BT, mask_BT)
     logp_BT = selected_logprobs(student, batch.ids_BT[..., None], cfg.chunk_size, mask_BT)[..., 0]
-    r_BT = kl_reward_BT(logq_BT, old_BT, cfg.kl_form)
-    adv_BT = discounted_returns_BT(r_BT, mask_BT, gamma, cfg.reset_at_gaps)
-    if cfg.baseline == "mean":
-        adv_BT = position_mean_baseline_BT(adv_BT, mask_BT)
+    extra = {}
+    if reward == "vopd":
+        r_BT = kl_reward_BT(logq_BT, old_BT, "k1")
+        value_BT = vopd_value_BT(student, batch, cfg).to(r_BT.dtype)
+        adv_BT = zero_outside(r_BT - value_BT, mask_BT)
+        extra["value"] = masked_mean(value_BT, mask_BT)
+    else:
+        if reward == "power":
+            r_BT = power_reward_BT(logq_BT, old_BT, cfg.power_alpha, cfg.power_rescale)
+        else:
+            r_BT = kl_reward_BT(logq_BT, old_BT, cfg.kl_form)
+        adv_BT = discounted_returns_BT(r_BT, mask_BT, gamma, cfg.reset_at_gaps)
+        if cfg.baseline == "mean":
+            adv_BT = position_mean_baseline_BT(adv_BT, mask_BT)
     loss, ppo_metrics = ppo_surrogate(logp_BT, old_BT, adv_BT.to(logp_BT.dtype), mask_BT, cfg.clip_eps,
                                       cfg.loss_agg, cfg.clip_ratio_c)
     metrics = {"clip_frac": ppo_metrics.pop("clip_frac"), "reward": masked_mean(r_BT, mask_BT),
                "ppo_kl": ppo_metrics.pop("ppo_kl"), "kl": masked_mean(old_BT.float() - logq_BT.float(), mask_BT),
-               "advantage": masked_mean(adv_BT, mask_BT), **ppo_metrics}
+               "advantage": masked_mean(adv_BT, mask_BT), **extra, **ppo_metrics}
     return LossOutput(loss=loss, metrics=metrics, advantages_BT=adv_BT.detach())
 
 
@@ -177,9 +247,49 @@ def seq_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> Los
     return _score_function_loss(student, batch, cfg, 1.0)
 
 
+def vopd_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> LossOutput:
+    """vOPD: sampled-token OPD with a detached value baseline (arXiv 2605.07865, "KL for a KL: On-Policy
+    Distillation with Control Variate Baseline"; official code holi-lab/vOPD, src/opd_trainer.py).
+
+    A_t = r_t - V_t = (log q(y_t) - log pi_old(y_t)) + KL_t(p || q),   V_t = -KL_t from :func:`vopd_value_BT`
+    (``vopd_value`` full | student_topk | teacher_topk, K = ``top_k``), fed to the same PPO clipped surrogate as
+    :func:`sampled_token_loss` (``clip_eps``, ``clip_ratio_c``, ``loss_agg``). V_t is the closed-form value of
+    the token-level OPD reward: E_{y ~ p}[r_t] = -KL_t(p || q) on-policy. It is detached and independent of y_t,
+    so on-policy E_y[grad] equals sampled-token OPD's (sum_y p(y) grad log p(y) = 0) with lower variance. The
+    official code computes log p(y_t) with the current student (detached); here pi_old's log-prob, identical
+    on-policy. Token-level only: ``gamma``, ``baseline`` and ``kl_form`` are not read (the reward is k1).
+    Shapes and masking as :func:`sampled_token_loss`; metrics add ``value`` (mean V_t).
+    """
+    return _score_function_loss(student, batch, cfg, 0.0, reward="vopd")
+
+
+def power_opd_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> LossOutput:
+    """PowerOPD (arXiv 2606.17199, "PowerOPD: Stabilizing On-Policy Distillation with Bounded Power
+    Transformation"; official code EIT-NLP/PowerOPD): :func:`sampled_token_loss` with the log-ratio reward
+    replaced by the Box-Cox power reward of :func:`power_reward_BT`,
+
+        r_t = (q(y_t)^alpha - pi_old(y_t)^alpha) / alpha   (``power_alpha`` = alpha > 0; ``power_rescale`` false:
+                                                             no 1/alpha, the official code's q^a - pi_old^a)
+
+    bounded and sign-consistent with log q - log pi_old, which it recovers as alpha -> 0. ``gamma``,
+    ``reset_at_gaps``, ``baseline``, PPO clipping and ``loss_agg`` as in sampled_token; ``kl_form`` unread.
+    """
+    return _score_function_loss(student, batch, cfg, cfg.gamma, reward="power")
+
+
 def _needs_sampled(cfg: EstimatorConfig) -> Needs:
     return Needs(teacher_sampled=True)
 
 
+def _needs_vopd(cfg: EstimatorConfig) -> Needs:
+    if cfg.vopd_value == "full":
+        return Needs(teacher_sampled=True, teacher_full=True)
+    if cfg.vopd_value == "student_topk":
+        return Needs(teacher_sampled=True, student_topk=cfg.top_k)
+    return Needs(teacher_sampled=True, teacher_topk=cfg.top_k)
+
+
 ESTIMATORS["sampled_token"] = EstimatorSpec(loss=sampled_token_loss, needs=_needs_sampled)
 ESTIMATORS["seq_rkl"] = EstimatorSpec(loss=seq_rkl_loss, needs=_needs_sampled)
+ESTIMATORS["vopd"] = EstimatorSpec(loss=vopd_loss, needs=_needs_vopd)
+ESTIMATORS["power_opd"] = EstimatorSpec(loss=power_opd_loss, needs=_needs_sampled)
