@@ -164,8 +164,10 @@ class HFGenerateBackend:
         recorder = SampledLogprobRecorder(prompt_ids.shape[1])
         chain = sampling_processors(vocab_size, None if greedy else sampling.temperature,
                                     None if greedy else sampling.top_p, recorder)
-        # temperature/top-p/top-k neutral so that generate adds no warper of its own (they are in `chain`)
-        gen_config = GenerationConfig(do_sample=not greedy, temperature=1.0, top_p=1.0, top_k=0, num_beams=1,
+        # sampling: temperature/top-p/top-k neutral so that generate adds no warper of its own (they are in
+        # `chain`); greedy: none of them (generate warns that sampling flags are ignored without sampling)
+        knobs = {} if greedy else {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+        gen_config = GenerationConfig(do_sample=not greedy, **knobs, num_beams=1,
                                       max_new_tokens=sampling.max_new_tokens, eos_token_id=list(stop_ids),
                                       pad_token_id=pad_id, return_dict_in_generate=False, output_scores=False)
         with score_neutral_defaults(model):
