@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from opd_exp.config import load_run_config
-from opd_exp.report.cli import report_spec
+from opd_exp.report.table import report_spec
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = sorted({p.parent.relative_to(CONF).parts[0] for p in CONF.glob("*/**/*.yaml")} - {"hydra", "experiment"})

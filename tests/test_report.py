@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from opd_exp.report import claims
 from opd_exp.report import cli as report
 from opd_exp.report import runs as runs_mod
+from opd_exp.report import table as table_mod
 from opd_exp.report.cli import main
 from opd_exp.report.stats import Stat, mean_ci, t_quantile
 
@@ -224,11 +225,11 @@ def test_hardest_split_is_the_students_worst_among_those_the_teacher_leads(tmp_p
         ov = ["recipe=ours", "model=tiny", f"seed={seed}", "experiment=ablation_components"]
         runs.append(make_run(tmp_path, ov, base_config("ablation_components", seed), results=results))
     loaded = [runs_mod.load_run(p) for p in runs]
-    assert report.hardest_split(loaded, "avg@2") == "wide"
+    assert table_mod.hardest_split(loaded, "avg@2") == "wide"
     untaught = {f"teacher/{s}/avg@2": 0.0 for s in before} | {f"student_before/{s}/avg@2": 0.5 for s in before}
     for run in loaded:
         run.summary["results"] = untaught | {"teacher/long/avg@2": -1.0}
-    assert report.hardest_split(loaded, "avg@2") == "long"  # none taught: the teacher's lowest
+    assert table_mod.hardest_split(loaded, "avg@2") == "long"  # none taught: the teacher's lowest
 
 
 def test_hardest_column_in_the_component_table(tmp_path):
