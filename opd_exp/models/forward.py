@@ -9,7 +9,10 @@ log-probs computed here match the ones recorded while sampling.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers import DynamicCache
 
 from opd_exp.objectives.head import LogitsHead
 
@@ -27,13 +30,33 @@ def check_plain_head(model) -> None:
                              "output projection; opd-exp's chunked heads do not support it")
 
 
-def response_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, ids_BT: torch.Tensor,
-                  attention_mask_BT: torch.Tensor, vocab_size: int, temperature: float = 1.0) -> LogitsHead:
-    """Run ``model``'s decoder over prompt + response and return its head at the T response positions.
+def length_groups(prompt_len_B: list[int], response_len_B: list[int], call_cost: int = 256) -> list[list[int]]:
+    """Rows split into groups that each run as one forward trimmed to the group's longest prompt and response.
 
-    Position t of the head predicts ``ids_BT[:, t]`` (hidden state of the token before it). ``vocab_size``: the
-    tokenizer's ids; embedding rows beyond it (padding) are cut from the projection. Grad flows when enabled.
+    Rows sorted by response length are cut into contiguous groups minimising
+    sum_g n_g * (max_prompt_g + max_response_g) + call_cost * (groups - 1): the padded tokens a forward computes,
+    plus ``call_cost`` token-equivalents for each extra call (its fixed overhead). O(B^2) dynamic programme.
     """
+    order = sorted(range(len(response_len_B)), key=lambda i: (response_len_B[i], prompt_len_B[i]))
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j sorted rows
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        max_p = 0
+        for i in range(j, 0, -1):  # group = sorted rows i-1 .. j-1; its longest response is row j-1's
+            max_p = max(max_p, prompt_len_B[order[i - 1]])
+            cost = best[i - 1] + (j - i + 1) * (max_p + response_len_B[order[j - 1]]) + (call_cost if i > 1 else 0)
+            if cost <= best[j]:  # ties: the larger group (fewer calls)
+                best[j], cut[j] = cost, i - 1
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def _decoder_hidden(model, prompt_ids_BP, prompt_mask_BP, ids_BT, attention_mask_BT) -> torch.Tensor:
+    """(B, T, H) final hidden states at the response positions (position t predicts ``ids_BT[:, t]``)."""
     device = next(model.parameters()).device
     ids_BL = torch.cat([prompt_ids_BP, ids_BT], dim=1).to(device)
     attn_BL = torch.cat([prompt_mask_BP, attention_mask_BT], dim=1).to(device)
@@ -41,7 +64,90 @@ def response_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tens
     hidden_BLH = model.base_model(input_ids=ids_BL, attention_mask=attn_BL.long(),
                                   position_ids=position_ids_BL).last_hidden_state
     P, T = prompt_ids_BP.shape[1], ids_BT.shape[1]
+    return hidden_BLH[:, P - 1: P + T - 1]
+
+
+def response_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, ids_BT: torch.Tensor,
+                  attention_mask_BT: torch.Tensor, vocab_size: int, temperature: float = 1.0,
+                  call_cost: int = 256) -> LogitsHead:
+    """Run ``model``'s decoder over prompt + response and return its head at the T response positions.
+
+    Position t of the head predicts ``ids_BT[:, t]`` (hidden state of the token before it). ``vocab_size``: the
+    tokenizer's ids; embedding rows beyond it (padding) are cut from the projection. Grad flows when enabled.
+
+    Padding is not computed: rows run in :func:`length_groups`, each group trimmed to its longest prompt (left)
+    and response (right). The causal mask makes a real position's hidden state independent of the pad columns
+    removed (later positions, or earlier ones masked out), so only float rounding differs from one padded
+    forward. Hidden states at a group's trimmed positions (outside every row's attention mask) are zeros.
+    """
+    P, T = prompt_ids_BP.shape[1], ids_BT.shape[1]
+    # extents, not counts: columns from the first real prompt token, and up to the last real response token
+    prompt_len_B = torch.where(prompt_mask_BP.any(-1), P - prompt_mask_BP.int().argmax(-1), 0).tolist()
+    response_len_B = torch.where(attention_mask_BT.any(-1), T - attention_mask_BT.flip(-1).int().argmax(-1),
+                                 0).tolist()
+    groups = length_groups(prompt_len_B, response_len_B, call_cost)
+    parts = []
+    for rows in groups:
+        p, t = max(max(prompt_len_B[i] for i in rows), 1), max(max(response_len_B[i] for i in rows), 1)
+        index = torch.tensor(rows)
+        hidden = _decoder_hidden(model, prompt_ids_BP[index, P - p:], prompt_mask_BP[index, P - p:],
+                                 ids_BT[index, :t], attention_mask_BT[index, :t])
+        parts.append(torch.nn.functional.pad(hidden, (0, 0, 0, T - t)))
+    hidden_BTH = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if len(parts) > 1 or groups[0] != sorted(groups[0]):
+        inverse = torch.empty(len(prompt_len_B), dtype=torch.long)
+        inverse[torch.tensor([i for rows in groups for i in rows])] = torch.arange(len(prompt_len_B))
+        hidden_BTH = hidden_BTH[inverse.to(hidden_BTH.device)]
     lm_head = model.get_output_embeddings()
     bias = lm_head.bias[:vocab_size] if getattr(lm_head, "bias", None) is not None else None
-    return LogitsHead(hidden_BTH=hidden_BLH[:, P - 1: P + T - 1], weight_VH=lm_head.weight[:vocab_size],
-                      bias_V=bias, temperature=temperature)
+    return LogitsHead(hidden_BTH=hidden_BTH, weight_VH=lm_head.weight[:vocab_size], bias_V=bias,
+                      temperature=temperature)
+
+
+def _cache_kwarg(module) -> str:
+    """The name under which ``module.forward`` takes a KV cache (transformers renamed ``past_key_values``)."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def shared_prompt_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, ids_BT: torch.Tensor,
+                       attention_mask_BT: torch.Tensor, prompt_index_B: torch.Tensor, vocab_size: int,
+                       temperature: float = 1.0) -> LogitsHead:
+    """:func:`response_head` without gradient, each distinct prompt's forward run once.
+
+    Rows with the same ``prompt_index_B`` share their prompt (B = prompts x rollouts): the U distinct prompts run
+    once, trimmed to the longest (U, p); their KV cache is gathered to the B rows (``Cache.reorder_cache``) and
+    the responses run against it, trimmed to the longest response (B, t - 1: the last token predicts nothing).
+    Response position 0 is predicted by the prompt's last hidden state. Same values as one padded forward of
+    every row, up to float rounding; the prompt's FLOPs drop by B / U.
+    """
+    P, T = prompt_ids_BP.shape[1], ids_BT.shape[1]
+    device = next(model.parameters()).device
+    index_B = prompt_index_B.tolist()
+    first_row = {}  # prompt index -> its first row
+    for b, i in enumerate(index_B):
+        first_row.setdefault(i, b)
+    slot = {i: u for u, i in enumerate(first_row)}
+    slot_B = torch.tensor([slot[i] for i in index_B], device=device)
+    p = int(torch.where(prompt_mask_BP.any(-1), P - prompt_mask_BP.int().argmax(-1), 0).max().clamp(min=1))
+    t = int(torch.where(attention_mask_BT.any(-1), T - attention_mask_BT.flip(-1).int().argmax(-1), 0).max())
+    t = max(t, 1)
+    base, kw = model.base_model, _cache_kwarg(model.base_model)
+    rows_U = torch.tensor(list(first_row.values()))
+    prompt_mask_Up = prompt_mask_BP[rows_U, P - p:].long().to(device)
+    cache = DynamicCache(config=model.config)
+    prompt_hidden_UpH = base(input_ids=prompt_ids_BP[rows_U, P - p:].to(device), attention_mask=prompt_mask_Up,
+                             position_ids=(prompt_mask_Up.cumsum(-1) - 1).clamp(min=0), use_cache=True,
+                             **{kw: cache}).last_hidden_state
+    hidden_BtH = prompt_hidden_UpH[slot_B, -1:]
+    if t > 1:
+        cache.reorder_cache(slot_B)
+        mask_BL = torch.cat([prompt_mask_BP[:, P - p:], attention_mask_BT[:, :t - 1]], dim=1).long().to(device)
+        position_ids = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, p:]
+        response_hidden = base(input_ids=ids_BT[:, :t - 1].to(device), attention_mask=mask_BL,
+                               position_ids=position_ids, use_cache=True, **{kw: cache}).last_hidden_state
+        hidden_BtH = torch.cat([hidden_BtH, response_hidden], dim=1)
+    lm_head = model.get_output_embeddings()
+    bias = lm_head.bias[:vocab_size] if getattr(lm_head, "bias", None) is not None else None
+    return LogitsHead(hidden_BTH=torch.nn.functional.pad(hidden_BtH, (0, 0, 0, T - t)),
+                      weight_VH=lm_head.weight[:vocab_size], bias_V=bias, temperature=temperature)

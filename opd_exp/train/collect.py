@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from opd_exp.config import RunConfig
-from opd_exp.models.forward import response_head
+from opd_exp.models.forward import shared_prompt_head
 from opd_exp.objectives import Batch, Needs, TeacherScores
 from opd_exp.objectives.kernels import selected_logprobs, token_stats
 from opd_exp.objectives.masks import entropy_top_q_mask, special_token_mask_BT
@@ -42,8 +42,8 @@ def _row_chunks(n: int, size: int):
 
 
 def _head(model, ro: Rollout, rows: slice, vocab_size: int, temperature: float):
-    return response_head(model, ro.prompt_ids_BP[rows], ro.prompt_mask_BP[rows], ro.completion_ids_BT[rows],
-                         ro.completion_mask_BT[rows], vocab_size, temperature)
+    return shared_prompt_head(model, ro.prompt_ids_BP[rows], ro.prompt_mask_BP[rows], ro.completion_ids_BT[rows],
+                              ro.completion_mask_BT[rows], ro.prompt_index_B[rows], vocab_size, temperature)
 
 
 @torch.no_grad()
