@@ -86,3 +86,10 @@ def test_shared_prompt_head_equals_one_padded_forward(model, arch):
     assert head.hidden_BTH.shape[:2] == m.shape
     torch.testing.assert_close((head.hidden_BTH @ head.weight_VH[:V].T)[m], reference[m][:, :V], atol=2e-5,
                                rtol=1e-5)
+
+
+def test_shared_prompt_head_refuses_rows_whose_shared_prompt_differs(model):
+    ro = ragged_rollout([4, 9], [3, 2])
+    with pytest.raises(ValueError, match="different prompts"):
+        shared_prompt_head(model, ro.prompt_ids_BP, ro.prompt_mask_BP, ro.completion_ids_BT, ro.completion_mask_BT,
+                           torch.tensor([0, 0]), V)

@@ -134,6 +134,10 @@ def shared_prompt_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch
     t = max(t, 1)
     base, kw = model.base_model, _cache_kwarg(model.base_model)
     rows_U = torch.tensor(list(first_row.values()))
+    shared_B = rows_U[slot_B.cpu()]
+    if not (torch.equal(prompt_ids_BP[shared_B], prompt_ids_BP)
+            and torch.equal(prompt_mask_BP[shared_B], prompt_mask_BP)):
+        raise ValueError("shared_prompt_head: rows with the same prompt_index_B have different prompts")
     prompt_mask_Up = prompt_mask_BP[rows_U, P - p:].long().to(device)
     cache = DynamicCache(config=model.config)
     prompt_hidden_UpH = base(input_ids=prompt_ids_BP[rows_U, P - p:].to(device), attention_mask=prompt_mask_Up,
