@@ -16,7 +16,9 @@ failed) resumes from its last checkpoint when the same command is run again.
 Exit status (single run; a sweep records each cell's status in its run_summary.json and goes on):
     0    completed, diverged (a result: the summary says status: diverged) or skipped (already finished)
     1    failed: the summary's error holds the message (a traceback only for an unexpected exception)
-    2    bad config: one line naming the field, the value and the allowed values; nothing ran
+    2    bad config: one line naming the field, the value and the allowed values; nothing ran (a dataset error
+         included). A config check that needs the loaded pair (estimator.top_k > V, mask.tokens outside the
+         tokenizer) also exits 2, after the summary recorded status: failed
     143  interrupted by SIGTERM (128 + 15, as a shell reports a TERM'd job): a checkpoint was written and
          the summary says status: interrupted; rerun the same command to resume. A sweep stops here too
          (pre-emption takes the whole job); rerunning it skips finished cells and resumes this one. With a
@@ -90,6 +92,10 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
                "versions": rundir.package_versions()}
     try:
         cfg: RunConfig = load_run_config(cfg_node)
+        if cfg.runner == "opd":  # read the task's data now: a dataset error exits 2 before any run file
+            from opd_exp.tasks.base import make_task
+
+            make_task(cfg.task)
     except ConfigError as err:
         if not multirun:
             print(str(err), file=sys.stderr)
@@ -136,8 +142,8 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
             sys.stderr.flush()
             os._exit(code)
         sys.exit(code)
-    if summary["status"] == "failed" and not multirun:
-        sys.exit(EXIT_FAILED)
+    if summary["status"] == "failed" and not multirun:  # a config check that needed the models: exit 2
+        sys.exit(EXIT_CONFIG if summary.get("error", "").startswith("config error:") else EXIT_FAILED)
     return summary
 
 

@@ -158,8 +158,8 @@ def test_recorder_gathers_each_token_once_and_drops_undone_steps():
 
 def test_registry_and_rollout_rows():
     assert BACKENDS["hf"] is HFGenerateBackend and isinstance(make_backend("hf"), HFGenerateBackend)
-    with pytest.raises(ConfigError, match="sampling.backend.*'vllm'.*allowed values: hf"):
-        make_backend("vllm")
+    with pytest.raises(ConfigError, match="sampling.backend.*'nosuch'.*allowed values: hf, vllm"):
+        make_backend("nosuch")
     mask = torch.tensor([[True, False], [True, True]])
     ro = Rollout(prompt_ids_BP=torch.zeros(2, 1), prompt_mask_BP=torch.ones(2, 1, dtype=torch.bool),
                  completion_ids_BT=torch.zeros(2, 2), completion_mask_BT=mask, sample_logprobs_BT=torch.zeros(2, 2),

@@ -18,6 +18,8 @@ from opd_exp.config.validation import ConfigError, spec, validate
 ESTIMATOR_NAMES = ["sampled_token", "seq_rkl", "full_rkl", "forward_kl", "jsd", "topk_rkl", "seq_kd", "vopd",
                    "power_opd"]
 RUNNER_NAMES = ["opd", "toy_gamma", "toy_exact"]
+# the user turn of task=benchmark / task=champ: verl's math prompt, which the paper's verl-agent runs inherit
+BENCHMARK_PROMPT = "{problem} Let's think step by step and output the final answer within \\boxed{}."
 
 
 @dataclass
@@ -74,7 +76,7 @@ class MaskConfig:
 class TaskConfig:
     """The prompt source and grader."""
 
-    name: str = spec("math", "task name", choices=["math"])
+    name: str = spec("math", "task name", choices=["math", "benchmark", "champ"])
     min_ops: int = spec(2, "fewest +/- operations in a training problem", ge=1)
     max_ops: int = spec(4, "most +/- operations in a training problem", ge=1)
     max_operand: int = spec(9, "operands are drawn from 0..max_operand", ge=1)
@@ -83,11 +85,18 @@ class TaskConfig:
     n_eval: int = spec(200, "prompts per eval split", ge=1)
     eval_splits: dict = spec(default_factory=lambda: {"id": {}, "long": {"min_ops": 5, "max_ops": 5},
                                                       "wide": {"max_operand": 12}},
-                              doc="name -> overrides of min_ops/max_ops/max_operand")
+                              doc="math: name -> overrides of min_ops/max_ops/max_operand; benchmark: name -> "
+                              "dataset spec {path, name, split, revision, k, problem_key, answer_key}")
     dataset_path: str | None = spec(None, "optional JSONL of {question, answer} rows instead of generated data")
     eval_set: str = spec("report", "report = the eval splits of the tables; tune = disjoint splits of the same "
                          "shape drawn after the train pool, for hyper-parameter tuning (generated data only)",
                          choices=["report", "tune"])
+    # --- real benchmarks: task=benchmark, task=champ (opd_exp/tasks/benchmark.py, champ.py)
+    train_data: dict = spec(default_factory=dict, doc="benchmark: training dataset spec {path (hub id or local "
+                            ".jsonl/.json/.parquet), name, split, revision, problem_key, answer_key}")
+    prompt_template: str = spec(BENCHMARK_PROMPT, "benchmark/champ: the user turn; {problem} is replaced by the "
+                                "problem (other braces are literal)")
+    system_prompt: str | None = spec(None, "benchmark/champ: a system turn before the user turn (null = none)")
 
 
 @dataclass
@@ -101,10 +110,21 @@ class ModelConfig:
     student_path: str | None = spec(None, "student checkpoint dir (kind=pretrained)")
     tokenizer_path: str | None = spec(None, "tokenizer dir; default: the student's")
     dtype: str = spec("float32", "parameter dtype", choices=["float32", "bfloat16", "float16"])
-    special_tokens: list[Any] = spec(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"],
-                                     doc="default tokens for special-token masking")
+    special_tokens: list[Any] | None = spec(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"],
+                                            doc="default tokens for special-token masking; null = read from the "
+                                            "pair (think delimiters in its vocabulary, its EOS and stop ids)")
     bootstrap: dict = spec(default_factory=dict, doc="tiny-pair bootstrap settings (see opd_exp.models.bootstrap)")
     cache_dir: str = spec("~/.cache/opd_exp", "where bootstrapped pairs are cached (keyed by config hash)")
+    # --- real pairs (opd_exp/models/pair.py): hub ids or local dirs, precision, memory, LoRA
+    teacher_revision: str | None = spec(None, "hub revision of a teacher_path that is a hub id (null = main)")
+    student_revision: str | None = spec(None, "hub revision of a student_path that is a hub id (null = main)")
+    attn_implementation: str | None = spec(None, "transformers attention kernel (null = its default)",
+                                           choices=["eager", "sdpa", "flash_attention_2"])
+    gradient_checkpointing: bool = spec(False, "recompute the student's activations in the backward pass")
+    lora_rank: int = spec(0, "LoRA rank of the student's adapters (peft; 0 = full fine-tuning)", ge=0)
+    lora_alpha: float = spec(16.0, "LoRA scale numerator (scale = lora_alpha / lora_rank)", gt=0.0)
+    lora_target_modules: list[str] | None = spec(None, "module names that get adapters (null = every linear "
+                                                 "layer but the output head)")
 
 
 @dataclass
@@ -115,7 +135,8 @@ class SamplingConfig:
     top_p: float = spec(0.9, "nucleus mass kept (1 = full distribution)", gt=0.0, le=1.0)
     rollouts_per_prompt: int = spec(4, "rollouts sampled per prompt", ge=1)
     max_new_tokens: int = spec(64, "response length cap; longer rollouts are truncated", ge=1)
-    backend: str = spec("hf", "rollout backend (opd_exp.rollout): hf = transformers generate", choices=["hf"])
+    backend: str = spec("hf", "rollout backend (opd_exp.rollout): hf = transformers generate, vllm = a colocated "
+                        "vLLM engine (extra [vllm], CUDA)", choices=["hf", "vllm"])
 
 
 @dataclass

@@ -10,6 +10,8 @@ teacher scores -19.16 and -58.71.
 - :func:`audit_tokenizers` compares the two tokenizers and returns an :class:`AuditReport`.
 - :func:`check_pair_compatible` stops a run whose vocabularies differ when no mapping is configured (shared
   vocabulary with special-token differences only warns: special-token masking is the paper's fix for those).
+- :func:`pair_probes`: the strings probed, read from the pair (each side's own end token, the think delimiters
+  of either vocabulary) and the task (its response convention's markers, when it has one).
 - :func:`score_side_by_side` / :func:`format_side_by_side` print the Fig. 5 table for any string.
 """
 
@@ -160,6 +162,27 @@ def compare_probes(teacher_tok: Any, student_tok: Any,
     return rows, lines
 
 
+def pair_probes(pair: Any, task: Any = None) -> dict[str, str]:
+    """name -> string whose split both tokenizers must agree on: the student's and the teacher's end tokens
+    (tokenizer EOS and generation-config stop ids), the think delimiters either vocabulary has, and the
+    task's response markers (``task.convention``) when it has them."""
+    from opd_exp.models.pair import THINK_DELIMITERS, stop_ids_of
+
+    probes: dict[str, str] = {}
+    for role, tok, model in (("student", pair.tokenizer, pair.student), ("teacher", pair.teacher_tokenizer,
+                                                                         pair.teacher)):
+        ends = [tok.eos_token] + [tok.convert_ids_to_tokens(i) for i in stop_ids_of(model) if 0 <= i < len(tok)]
+        for i, end in enumerate(dict.fromkeys(e for e in ends if e)):
+            probes[f"{role}_end" + (f"_{i}" if i else "")] = end
+    vocab = pair.tokenizer.get_vocab().keys() | pair.teacher_tokenizer.get_vocab().keys()
+    probes |= {f"think_{'open' if i == 0 else 'close'}": t for i, t in enumerate(THINK_DELIMITERS) if t in vocab}
+    c = getattr(task, "convention", None)
+    if c is not None:
+        probes |= {"think_open": c.think_open, "think_close": c.think_close, "answer_prefix": c.answer_prefix,
+                   "end": c.end}
+    return probes
+
+
 def audit_tokenizers(teacher_tok: Any, student_tok: Any, probes: dict[str, str],
                      conversation: list[dict[str, str]] | None = None) -> AuditReport:
     """Compare two Hugging Face tokenizers: vocabulary, special tokens and EOS, chat template (on
@@ -185,8 +208,8 @@ def check_pair_compatible(report: AuditReport, mapping: str | None) -> None:
         raise ValueError(
             f"teacher and student vocabularies differ (sizes {report.vocab_sizes[0]} vs {report.vocab_sizes[1]}, "
             f"{report.n_vocab_diff} entries map to different ids) and no vocabulary mapping is configured: the "
-            "teacher would score the student's token ids as its own. Use a pair with a shared tokenizer or "
-            "configure a mapping. Audit:\n" + report.format())
+            "teacher would score the student's token ids as its own. Use a teacher that shares the student's "
+            "tokenizer (no cross-vocabulary mapping is implemented). Audit:\n" + report.format())
     if report.mismatches:
         log.warning("tokenizer audit found problems (training continues; consider special-token masking):\n%s",
                     report.format())

@@ -11,6 +11,13 @@ loaded exactly like a real one. Problems with a checkpoint dir (missing, no conf
 malformed files) raise :class:`ModelLoadError` naming the path and the problem instead of a library
 traceback.
 
+A real pair's paths may be hub ids (``Qwen/Qwen2.5-7B-Instruct``), downloaded once with their
+``*_revision``; ``model.attn_implementation``, ``model.gradient_checkpointing`` and ``model.lora_*`` (peft
+adapters injected into the student in place, so the model keeps its class) are applied here. The tokens that
+special-token masking removes are read from the pair itself when ``model.special_tokens`` is null
+(:func:`pair_special_tokens`: think delimiters in the vocabulary, the tokenizer's EOS and the generation config's
+stop ids), and :func:`masked_token_ids` logs what masking will remove, or that it removes nothing.
+
 Caveat where it bites: the teacher scores the *student's* token ids. That is only meaningful when both
 tokenizers agree on the ids of the response's tokens; the tiny pair shares one vocabulary by construction.
 """
@@ -18,6 +25,9 @@ tokenizers agree on the ids of the response's tokens; the tiny pair shares one v
 from __future__ import annotations
 
 import json
+import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +35,11 @@ from typing import Any
 import torch
 
 from opd_exp.config import ModelConfig, TaskConfig
+from opd_exp.config.validation import ConfigError
+
+log = logging.getLogger(__name__)
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+THINK_DELIMITERS = ("<think>", "</think>")  # the reasoning delimiters of R1-style models (OpenThinker, Qwen3)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -79,14 +94,16 @@ def check_checkpoint_dir(path: Path, role: str) -> None:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    role: str = "model"):
-    """``AutoModelForCausalLM.from_pretrained(path)`` on ``device`` in ``dtype``, or :class:`ModelLoadError`."""
+                    role: str = "model", attn_implementation: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained(path)`` on ``device`` in ``dtype`` (with ``attn_implementation``
+    when given), or :class:`ModelLoadError`."""
     from transformers import AutoModelForCausalLM
 
     path = Path(path).expanduser()
     check_checkpoint_dir(path, role)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, **extra)
     except Exception as err:  # truncated safetensors, unknown model_type, shape mismatches, ...
         raise ModelLoadError(f"{role} checkpoint {path}: cannot be loaded ({_last_line(err)})") from err
     return model.to(device)
@@ -141,9 +158,30 @@ def pair_paths(model_cfg: ModelConfig, task_cfg: TaskConfig) -> tuple[Path, Path
         return entry / "teacher", entry / "student", entry / "tokenizer"
     if not model_cfg.teacher_path or not model_cfg.student_path:
         raise ModelLoadError("model.kind=pretrained needs model.teacher_path and model.student_path")
-    student = Path(model_cfg.student_path).expanduser()
+    student = resolve_checkpoint(model_cfg.student_path, model_cfg.student_revision, "student")
     tokenizer = Path(model_cfg.tokenizer_path).expanduser() if model_cfg.tokenizer_path else student
-    return Path(model_cfg.teacher_path).expanduser(), student, tokenizer
+    return resolve_checkpoint(model_cfg.teacher_path, model_cfg.teacher_revision, "teacher"), student, tokenizer
+
+
+def resolve_checkpoint(path: str, revision: str | None, role: str) -> Path:
+    """A local dir as given; a hub id (``org/name``, not an existing path) downloaded once into the Hugging Face
+    cache at ``revision`` (``huggingface_hub.snapshot_download``); its local snapshot dir either way."""
+    local = Path(path).expanduser()
+    if local.exists() or not HUB_ID_RE.match(path):
+        return local
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, revision=revision))
+    except Exception as err:  # offline, unknown id or revision, gated repo
+        raise ModelLoadError(f"{role} checkpoint {path}: not a local dir and not downloadable from the hub "
+                             f"at revision {revision or 'main'} ({_last_line(err)})") from None
+
+
+def cache_root(model_cfg: ModelConfig) -> Path:
+    """Where a pair's cached files go (bootstrapped pairs, evaluation results): env ``OPD_EXP_CACHE`` when set,
+    else ``model.cache_dir``, so the variable works for a pair YAML that does not interpolate it."""
+    return Path(os.environ.get("OPD_EXP_CACHE") or model_cfg.cache_dir).expanduser()
 
 
 def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.device = "cpu",
@@ -160,11 +198,87 @@ def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.
     check_checkpoint_dir(teacher_dir, "teacher")
     tokenizer = load_tokenizer(tokenizer_dir, role="student")
     teacher_tokenizer = load_tokenizer(teacher_dir, role="teacher") if has_tokenizer(teacher_dir) else tokenizer
-    student = load_checkpoint(student_dir, device, dtype, role="student")
-    teacher = load_checkpoint(teacher_dir, device, dtype, role="teacher")
+    attn = model_cfg.attn_implementation
+    student = load_checkpoint(student_dir, device, dtype, role="student", attn_implementation=attn)
+    teacher = load_checkpoint(teacher_dir, device, dtype, role="teacher", attn_implementation=attn)
     check_vocab(student, tokenizer, "student", student_dir)
     check_vocab(teacher, teacher_tokenizer, "teacher", teacher_dir)
     teacher.eval()
     teacher.requires_grad_(False)
+    if model_cfg.lora_rank:
+        add_lora(student, model_cfg)
+    if model_cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA)
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
     return ModelPair(teacher=teacher, student=student, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+
+
+def add_lora(model, model_cfg: ModelConfig) -> None:
+    """Inject LoRA adapters (Hu et al. 2021, arXiv 2106.09685: W + (alpha / r) B A) into ``model`` in place with
+    ``peft.inject_adapter_in_model`` (the model keeps its class, so ``base_model`` and the output head are
+    read as for full fine-tuning) and freeze everything else; the optimizer then updates the adapters only."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError("model.lora_rank", f"got {model_cfg.lora_rank}: LoRA needs peft (pip install peft)") from None
+    targets = model_cfg.lora_target_modules or "all-linear"
+    config = LoraConfig(r=model_cfg.lora_rank, lora_alpha=model_cfg.lora_alpha, target_modules=targets,
+                        lora_dropout=0.0, bias="none")
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as err:  # a target module that the model does not have
+        raise ConfigError("model.lora_target_modules", f"got {targets!r}: {_last_line(err)}") from None
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the tokens special-token masking removes
+
+
+def pair_special_tokens(tokenizer, model) -> list[str]:
+    """What masking removes by default for a real pair, read from the pair: the think delimiters present in the
+    tokenizer's vocabulary, the tokenizer's EOS, and the stop ids of the student's generation config."""
+    vocab = tokenizer.get_vocab()
+    out = [t for t in THINK_DELIMITERS if t in vocab]
+    if tokenizer.eos_token is not None and tokenizer.eos_token not in out:
+        out.append(tokenizer.eos_token)
+    for i in stop_ids_of(model):
+        token = tokenizer.convert_ids_to_tokens(i) if 0 <= i < vocab_size(tokenizer) else None
+        if token is not None and token not in out:
+            out.append(token)
+    return out
+
+
+def stop_ids_of(model) -> list[int]:
+    """The generation config's ``eos_token_id`` as a list (empty when it has none)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return [] if eos is None else [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+
+
+def masked_token_ids(pair: ModelPair, mask_tokens: list | None, default_tokens: list | None,
+                     enabled: bool) -> list[int]:
+    """The ids special-token masking removes: ``mask.tokens``, else ``model.special_tokens``, else
+    :func:`pair_special_tokens`. Logs which tokens (or that none) masking removes. A token outside the
+    tokenizer is a ConfigError naming the field when masking is on; with masking off it is left out with a
+    warning (the ids only feed the diagnostics' special-token share)."""
+    from opd_exp.models.tokenization import resolve_token_ids
+
+    field, tokens = (("mask.tokens", mask_tokens) if mask_tokens else
+                     ("model.special_tokens", default_tokens) if default_tokens is not None else
+                     ("the pair's tokenizer and generation config", pair_special_tokens(pair.tokenizer, pair.student)))
+    ids = []
+    for token in tokens:
+        try:
+            ids += resolve_token_ids(pair.tokenizer, [token])
+        except ValueError as err:
+            if enabled:
+                raise ConfigError(field, f"{err}; set {field} to tokens of this pair") from None
+            log.warning("%s: %s; left out (special-token masking is off)", field, err)
+    shown = ", ".join(f"{pair.tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in ids) or "nothing"
+    if enabled:
+        log.warning("special-token masking removes %s from the loss (from %s)", shown, field)
+    return ids

@@ -1,24 +1,32 @@
 """The rollout backends by name (config ``sampling.backend``), and :func:`rollout`, one call to sample.
 
-    backend = make_backend(cfg.sampling.backend)      # "hf": transformers generate (opd_exp/rollout/hf.py)
+    backend = make_backend(cfg.sampling.backend)      # "hf": transformers generate (opd_exp/rollout/hf.py),
+                                                      # "vllm": a colocated vLLM engine (opd_exp/rollout/vllm.py)
     ro = backend.generate(model, prompts, cfg.sampling, stop_ids=..., pad_id=..., vocab_size=...)
 """
 
 from __future__ import annotations
+
+import importlib
 
 from opd_exp.config import SamplingConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.rollout.base import Rollout, RolloutBackend
 from opd_exp.rollout.hf import HFGenerateBackend
 
-BACKENDS: dict[str, type] = {"hf": HFGenerateBackend}  # name (config ``sampling.backend``) -> backend class
+# name (config ``sampling.backend``) -> backend class, or "module:Class" imported on use (optional extras)
+BACKENDS: dict[str, type | str] = {"hf": HFGenerateBackend, "vllm": "opd_exp.rollout.vllm:VLLMBackend"}
 
 
 def make_backend(name: str) -> RolloutBackend:
     """A fresh backend registered under ``name``; ConfigError naming ``sampling.backend`` when there is none."""
     if name not in BACKENDS:
         raise ConfigError("sampling.backend", f"got {name!r}, allowed values: {', '.join(sorted(BACKENDS))}")
-    return BACKENDS[name]()
+    cls = BACKENDS[name]
+    if isinstance(cls, str):
+        module, attr = cls.split(":")
+        cls = getattr(importlib.import_module(module), attr)
+    return cls()
 
 
 def rollout(model, prompts: list[list[int]], sampling: SamplingConfig, *, eos_id: int | list[int], pad_id: int,

@@ -13,6 +13,8 @@ its end token is wrong, whatever it contains.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -40,14 +42,25 @@ class Task(Protocol):
 
 def task_registry() -> dict[str, type]:
     """name -> Task class (imported here, so that importing the protocol stays cheap)."""
+    from opd_exp.tasks.benchmark import BenchmarkTask
+    from opd_exp.tasks.champ import ChampTask
     from opd_exp.tasks.math import MathTask
 
-    return {"math": MathTask}
+    return {"math": MathTask, "benchmark": BenchmarkTask, "champ": ChampTask}
+
+
+_BUILT: dict[str, Task] = {}  # the last task built, by its config: the start-up check and the run share it
 
 
 def make_task(cfg: TaskConfig) -> Task:
-    """The task ``cfg.name`` names, or a ConfigError listing the registered ones."""
+    """The task ``cfg.name`` names, or a ConfigError listing the registered ones. Building it reads its data,
+    so a dataset error is a ConfigError naming the field and the file; the entrypoint calls this before it
+    writes any run file (exit 2), and the run gets the same object back."""
     registry = task_registry()
     if cfg.name not in registry:
         raise ConfigError("task.name", f"got {cfg.name!r}, allowed values: {', '.join(sorted(registry))}")
-    return registry[cfg.name](cfg)
+    key = json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+    if key not in _BUILT:
+        _BUILT.clear()
+        _BUILT[key] = registry[cfg.name](cfg)
+    return _BUILT[key]

@@ -19,7 +19,6 @@ import logging
 import random
 import re
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from opd_exp.config import TaskConfig
 from opd_exp.config.validation import ConfigError
@@ -122,9 +121,9 @@ def load_jsonl(path: str, seed: int) -> list[Example]:
     empty one. Errors name the file and the problem."""
     import datasets
 
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError("task.dataset_path", f"{file}: no such file")
+    from opd_exp.tasks.benchmark import check_local_file
+
+    file = check_local_file(path, "task.dataset_path")  # missing, a directory, empty: one line naming the file
     # datasets logs its own traceback on a parse error before raising: keep stderr to our one-line error
     logger = logging.getLogger("datasets")
     level, bars = logger.level, datasets.is_progress_bar_enabled()

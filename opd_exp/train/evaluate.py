@@ -91,14 +91,17 @@ def _put(results: dict, key: str, per_prompt: list[float], proportion: bool = Fa
 def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, list],
                    sampled: bool = True) -> dict[str, float | list]:
     """``{"<split>/<metric>": value, "<split>/<metric>_ci": [lo, hi]}`` plus ``avg/<metric>`` over splits;
-    ``sampled=False`` computes greedy@1 only (cheap enough for periodic evaluation)."""
+    ``sampled=False`` computes greedy@1 only (cheap enough for periodic evaluation). Samples per prompt are
+    ``cfg.k``, or ``task.eval_k[split]`` where the task sets one (the paper's AIME avg@32, top-p 0.9, T = 1);
+    such a split reports avg@/pass@ at its own k and, from the same samples, at ``cfg.k`` when that is smaller."""
     was_training = model.training
     model.eval()
-    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, rollouts_per_prompt=cfg.k,
-                              max_new_tokens=cfg.max_new_tokens)
     results: dict[str, float | list] = {}
-    metrics = ["greedy@1", f"avg@{cfg.k}", f"pass@{cfg.k}"] if sampled else ["greedy@1"]
+    split_k = {split: getattr(task, "eval_k", {}).get(split, cfg.k) for split in splits}
     for split, examples in splits.items():
+        k = split_k[split]
+        sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, rollouts_per_prompt=k,
+                                  max_new_tokens=cfg.max_new_tokens)
         examples = examples[: cfg.n_prompts] if cfg.n_prompts else examples
         greedy = [c[0] for c in _generate_graded(model, tokenizer, task, examples, sampling, 1, True,
                                                  cfg.batch_size)]
@@ -106,14 +109,21 @@ def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, li
             _put(results, f"{split}/greedy@1{suffix}", [float(g[strict]) for g in greedy], proportion=True)
         if not sampled:
             continue
-        samples = _generate_graded(model, tokenizer, task, examples, sampling, cfg.k, False,
-                                   max(1, cfg.batch_size // cfg.k))
+        samples = _generate_graded(model, tokenizer, task, examples, sampling, k, False,
+                                   max(1, cfg.batch_size // k))
+        # a split sampled more than eval.k times also reports the eval.k metrics from the same n samples
+        # (avg: the mean of all n; pass@k: the unbiased estimator from n >= k), so every split has them
         for strict, suffix in ((0, ""), (1, "_strict")):
             correct = [[g[strict] for g in c] for c in samples]
-            _put(results, f"{split}/avg@{cfg.k}{suffix}", [sum(c) / len(c) for c in correct])
-            _put(results, f"{split}/pass@{cfg.k}{suffix}", [pass_at_k(len(c), sum(c), cfg.k) for c in correct])
+            for kk in sorted({k, cfg.k} if k >= cfg.k else {k}):
+                _put(results, f"{split}/avg@{kk}{suffix}", [sum(c) / len(c) for c in correct])
+                _put(results, f"{split}/pass@{kk}{suffix}", [pass_at_k(len(c), sum(c), kk) for c in correct])
+    # avg/<metric>: the mean over the splits that report it (all of them unless a task sets per-split k)
+    ks = dict.fromkeys([cfg.k, *split_k.values()])
+    metrics = ["greedy@1"] + ([m for k in ks for m in (f"avg@{k}", f"pass@{k}")] if sampled else [])
     for metric in metrics:
         for suffix in ("", "_strict"):
-            results[f"avg/{metric}{suffix}"] = sum(results[f"{s}/{metric}{suffix}"] for s in splits) / len(splits)
+            have = [s for s in splits if f"{s}/{metric}{suffix}" in results]
+            results[f"avg/{metric}{suffix}"] = sum(results[f"{s}/{metric}{suffix}"] for s in have) / len(have)
     model.train(was_training)
     return results

@@ -29,9 +29,8 @@ from tqdm import tqdm
 from opd_exp import rundir
 from opd_exp.config import RunConfig
 from opd_exp.config.validation import ConfigError
-from opd_exp.models.audit import audit_tokenizers, check_pair_compatible
-from opd_exp.models.pair import ModelPair, load_pair, pair_paths
-from opd_exp.models.tokenization import resolve_token_ids
+from opd_exp.models.audit import audit_tokenizers, check_pair_compatible, pair_probes
+from opd_exp.models.pair import ModelPair, cache_root, load_pair, masked_token_ids, pair_paths
 from opd_exp.objectives import ESTIMATORS
 from opd_exp.rollout import make_backend
 from opd_exp.tasks.base import Task, make_task
@@ -145,7 +144,7 @@ def _before_cache_file(cfg: RunConfig) -> Path:
     blob = json.dumps({"pair": stamp, "task": dataclasses.asdict(cfg.task), "eval": dataclasses.asdict(cfg.eval)},
                       sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return Path(cfg.model.cache_dir).expanduser() / "evals" / f"before-{key}.json"
+    return cache_root(cfg.model) / "evals" / f"before-{key}.json"
 
 
 def evaluate_pair_before(pair: ModelPair, task: Task, cfg: RunConfig) -> dict[str, float]:
@@ -177,10 +176,7 @@ def check_pair_tokenizers(pair: ModelPair, task: Task) -> None:
     since no vocabulary mapping is implemented and the teacher would score the student's ids as its own."""
     if pair.teacher_tokenizer is pair.tokenizer:
         return
-    c = getattr(task, "convention", None)  # a task with a response convention has its markers probed
-    probes = {} if c is None else {"think_open": c.think_open, "think_close": c.think_close,
-                                   "answer_prefix": c.answer_prefix, "end": c.end}
-    report = audit_tokenizers(pair.teacher_tokenizer, pair.tokenizer, probes=probes)
+    report = audit_tokenizers(pair.teacher_tokenizer, pair.tokenizer, probes=pair_probes(pair, task))
     try:
         check_pair_compatible(report, mapping=None)
     except ValueError as err:
@@ -205,7 +201,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         check_against_vocab(cfg, len(pair.tokenizer))
         check_pair_tokenizers(pair, task)
         # resolved whether or not masking is on: the diagnostics report the special tokens' share either way
-        special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens)
+        special_ids = masked_token_ids(pair, cfg.mask.tokens, cfg.model.special_tokens, cfg.mask.enabled)
         spec = ESTIMATORS[cfg.estimator.name]
         backend = make_backend(cfg.sampling.backend)
         student = pair.student
