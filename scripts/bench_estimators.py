@@ -51,10 +51,18 @@ CONFIGS = {  # bench name -> EstimatorConfig fields
     "topk_rkl_v5": dict(name="topk_rkl", top_k=32, normalize="none", tail="sampled_is"),
     "topk_rkl_v5_official": dict(name="topk_rkl", top_k=32, normalize="none", tail="sampled_is_official"),
     "seq_kd": dict(name="seq_kd"),
+    "topk_mopd": dict(name="topk_rkl", top_k=32, normalize="unnormalized_gkl"),
+    "topk_sg": dict(name="topk_rkl", top_k=32, support="student", normalize="none", topk_stop_grad=True),
+    "vopd": dict(name="vopd", vopd_value="full"),
+    "vopd_topk": dict(name="vopd", vopd_value="student_topk", top_k=32),
+    "power_opd": dict(name="power_opd", power_alpha=5.0),
+    "iw_opd": dict(name="sampled_token", iw_opd_weight_max=1.5),
 }
 # seq_rkl, topk_rkl_v3, v5_official and seq_kd run the same kernels as sampled_token / topk_rkl_v1 / v5
-# (--estimators adds them)
-DEFAULT = ["sampled_token", "full_rkl", "forward_kl", "jsd", "topk_rkl_v1", "topk_rkl_v5"]
+# (--estimators adds them); topk_mopd / topk_sg are topk_rkl's kernels with full-vocabulary log-probs, vopd the
+# sampled-token loss plus a full (or top-K) KL, power_opd / iw_opd the sampled-token loss with another advantage
+DEFAULT = ["sampled_token", "full_rkl", "forward_kl", "jsd", "topk_rkl_v1", "topk_rkl_v5", "topk_mopd", "topk_sg",
+           "vopd", "vopd_topk", "power_opd", "iw_opd"]
 # at V > LARGE_V only these run by default (the 2-core machine is shared; forward_kl and jsd scale like full_rkl)
 LARGE_DEFAULT = ["sampled_token", "full_rkl", "topk_rkl_v1"]
 LARGE_V = 65536

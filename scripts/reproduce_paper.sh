@@ -11,6 +11,8 @@
 #   LAUNCHER=basic scripts/reproduce_paper.sh        # one cell at a time (default: local_parallel at the
 #                                                    # default and smoke scales, 2 cells x 1 torch thread)
 #   DRY_RUN=1 scripts/reproduce_paper.sh             # print the commands only
+#   scripts/reproduce_paper.sh estimators            # the estimator comparison alone: estimators_lr_tune, its
+#                                                    # report, scripts/set_estimator_lrs.py, then estimators
 #
 # Scales:
 #   default  the experiment files as written: tiny pair (bootstrapped on first use), synthetic math, CPU.
@@ -42,16 +44,27 @@ PYTHON="${PYTHON:-python}"
 
 # ----------------------------------------------------------------------------- what to run
 if [ "$#" -gt 0 ]; then
-  EXPERIMENTS=("$@")
+  EXPERIMENTS=()
+  # the estimator comparison is one part: its lr tuning first (skipped at the real scale, as lr_tune is)
+  for name in "$@"; do
+    [ "$name" = estimators ] && [ "$SCALE" != real ] && EXPERIMENTS+=(estimators_lr_tune)
+    EXPERIMENTS+=("$name")
+  done
 else
-  # lr_tune first (it chooses the recipes' learning rates), then every other experiment file
+  # lr_tune first (it chooses the recipes' learning rates), then every other experiment file; the estimator
+  # comparison last, as its own part (estimators_lr_tune, then estimators)
   EXPERIMENTS=(lr_tune)
   for f in conf/experiment/*.yaml; do
     name="$(basename "$f" .yaml)"
-    [ "$name" = lr_tune ] || EXPERIMENTS+=("$name")
+    case "$name" in lr_tune|estimators|estimators_lr_tune) ;; *) EXPERIMENTS+=("$name") ;; esac
   done
+  EXPERIMENTS+=(estimators_lr_tune estimators)
 fi
-if [ "$SCALE" = real ] && [ "$#" -eq 0 ]; then EXPERIMENTS=("${EXPERIMENTS[@]:1}"); fi  # no lr_tune
+if [ "$SCALE" = real ] && [ "$#" -eq 0 ]; then  # no lr tuning at the real scale: the paper's lr for every method
+  KEPT=()
+  for name in "${EXPERIMENTS[@]}"; do case "$name" in lr_tune|estimators_lr_tune) ;; *) KEPT+=("$name") ;; esac; done
+  EXPERIMENTS=("${KEPT[@]}")
+fi
 for name in "${EXPERIMENTS[@]}"; do
   [ -f "conf/experiment/$name.yaml" ] || { echo "no conf/experiment/$name.yaml" >&2; exit 2; }
 done
@@ -125,6 +138,13 @@ for name in "${EXPERIMENTS[@]}"; do
     toy_gamma|toy_exact) ;;  # one report for both toy sweeps, below
     *) run_part "$name" report "$PYTHON" -m opd_exp.report.cli "$SWEEP_ROOT/$name" --out "$RESULTS_ROOT/$name" ;;
   esac
+  # the estimator comparison: each objective's tuned lr into conf/recipe/est/ (at the default scale only; a
+  # smoke run prints its choices without writing them)
+  if [ "$name" = estimators_lr_tune ]; then
+    set_lrs=("$PYTHON" scripts/set_estimator_lrs.py --table "$RESULTS_ROOT/$name/main.csv")
+    [ "$SCALE" = default ] || set_lrs+=(--dry-run)
+    run_part "$name" set_lrs "${set_lrs[@]}"
+  fi
 done
 # the toy study's two sweeps share one report: results/toy/
 TOY_SWEEPS=()

@@ -61,6 +61,17 @@ class EstimatorConfig:
                                "false = the official code's q^a - pi_old^a")
     entropy_top_q: float = spec(1.0, "train only on this fraction of highest-entropy tokens (1 = off)",
                                 gt=0.0, le=1.0)
+    iw_opd_weight_max: float = spec(1.0, "IW-OPD position reweighting of the token-level score-function "
+                                    "objectives (arXiv 2606.22600): advantage weight 1 + (w_max - 1)(1 - F_{t-1}), "
+                                    "F the cumulative |log q - log pi_old| share; the official run's 1.5; 1 = off",
+                                    ge=1.0)
+    topk_stop_grad: bool = spec(False, "topk_rkl with normalize=none: p_s (sg[log p_s] - log q) on the support "
+                                "(arXiv 2605.11182's stop-gradient top-K; no grad P_s(S) term)")
+    probe_every: int = spec(0, "gradient probe every this many steps (opd_exp/train/probe.py): every objective of "
+                            "probe_objectives on the same rollouts; 0 = off", ge=0)
+    probe_objectives: list[str] | None = spec(None, "conf/estimator/<name> presets the probe measures "
+                                              "(null = every preset but seq_kd)")
+    probe_micro_batches: int = spec(4, "micro-batches the probe splits its rollout batch into (variance)", ge=2)
 
 
 @dataclass

@@ -8,7 +8,8 @@ gamma = 0 being token-level (sampled-token) OPD, the paper's baseline, and gamma
 KL. As in the paper's official code (a verl-agent fork) the return is an advantage in a PPO clipped surrogate;
 no normalisation, no baseline unless ``baseline: mean``. Two switches reproduce what that code computes where it
 departs from the text (both off by default): ``reset_at_gaps`` (the return restarts at gaps in the loss mask)
-and ``clip_ratio_c`` (verl's dual-clip bound on negative-advantage tokens).
+and ``clip_ratio_c`` (verl's dual-clip bound on negative-advantage tokens). ``iw_opd_weight_max`` > 1 reweights
+the token-level advantages by position (IW-OPD, arXiv 2606.22600; :func:`iw_opd_weights_BT`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from opd_exp.config import EstimatorConfig
+from opd_exp.config.validation import ConfigError
 from opd_exp.objectives.base import (
     ESTIMATORS,
     EstimatorSpec,
@@ -110,6 +112,27 @@ def vopd_value_BT(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> to
         return zero_outside(-kl_BT, mask_BT)
 
 
+def iw_opd_weights_BT(teacher_logprobs_BT, old_logprobs_BT, mask_BT, weight_max: float) -> torch.Tensor:
+    """IW-OPD's position weights (arXiv 2606.22600, "On the Position Bias of On-Policy Distillation", Algorithm 1;
+    official code YannX1e/Importance-Weighted-On-Policy-Distillation, verl/verl/workers/actor/dp_actor.py,
+    ``iw_opd_weight_enable``; TRL's ``IWOPDTrainer`` computes the same with gamma = w_max - 1):
+
+        d_t = m_t |log q(y_t) - log pi_old(y_t)|,   F_{t-1} = sum_{k<t} d_k / (sum_k d_k + 1e-8),
+        g_t = 1 + (w_max - 1) (1 - F_{t-1})   in [1, w_max],
+
+    a stop-gradient weight that is w_max at the first loss token and decreases as the row's accumulated
+    teacher-student discrepancy grows (later, drifted tokens weigh less). w_max = 1 gives g = 1 (plain OPD).
+    The weight reads the whole row (its total discrepancy), so the reweighted estimator is not unbiased for any
+    fixed objective and the paper does not claim it is. (B, T) float in, (B, T) out without grad, 0 outside the
+    mask; -inf / NaN there are never read.
+    """
+    cdtype = compute_dtype(teacher_logprobs_BT.dtype)
+    d_BT = zero_outside((teacher_logprobs_BT.to(cdtype) - old_logprobs_BT.to(cdtype)).abs(), mask_BT).detach()
+    before_BT = d_BT.cumsum(-1) - d_BT
+    share_BT = before_BT / (d_BT.sum(-1, keepdim=True) + 1e-8)
+    return zero_outside(1.0 + (weight_max - 1.0) * (1.0 - share_BT).clamp(0.0, 1.0), mask_BT)
+
+
 def discounted_returns_BT(reward_BT: torch.Tensor, mask_BT: torch.Tensor, gamma: float,
                           reset_at_gaps: bool = False) -> torch.Tensor:
     """G_t = m_t r_t + gamma G_{t+1}, backwards within each row (arXiv 2603.25562, "Estimators": g_gamma).
@@ -186,7 +209,8 @@ def ppo_surrogate(logprobs_BT, old_logprobs_BT, adv_BT, mask_BT, clip_eps: float
 def _score_function_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig, gamma: float,
                          reward: str = "kl") -> LossOutput:
     """``reward``: "kl" (:func:`kl_reward_BT`, ``kl_form``), "power" (:func:`power_reward_BT`) or "vopd"
-    (k1 minus the detached value baseline of :func:`vopd_value_BT`; token-level, ``gamma``/``baseline`` unread)."""
+    (k1 minus the detached value baseline of :func:`vopd_value_BT`; token-level, ``gamma``/``baseline`` unread).
+    ``iw_opd_weight_max`` > 1 multiplies the advantage by :func:`iw_opd_weights_BT` (token-level only)."""
     if batch.teacher.sampled_logprobs_BT is None:
         raise ValueError("needs teacher.sampled_logprobs_BT (Needs.teacher_sampled)")
     mask_BT = batch.loss_mask_BT
@@ -207,6 +231,10 @@ def _score_function_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig
         adv_BT = discounted_returns_BT(r_BT, mask_BT, gamma, cfg.reset_at_gaps)
         if cfg.baseline == "mean":
             adv_BT = position_mean_baseline_BT(adv_BT, mask_BT)
+    if cfg.iw_opd_weight_max != 1.0:
+        weight_BT = iw_opd_weights_BT(logq_BT, old_BT, mask_BT, cfg.iw_opd_weight_max)
+        adv_BT = adv_BT * weight_BT.to(adv_BT.dtype)
+        extra["iw_weight"] = masked_mean(weight_BT, mask_BT)
     loss, ppo_metrics = ppo_surrogate(logp_BT, old_BT, adv_BT.to(logp_BT.dtype), mask_BT, cfg.clip_eps,
                                       cfg.loss_agg, cfg.clip_ratio_c)
     metrics = {"clip_frac": ppo_metrics.pop("clip_frac"), "reward": masked_mean(r_BT, mask_BT),
@@ -277,7 +305,15 @@ def power_opd_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> L
     return _score_function_loss(student, batch, cfg, cfg.gamma, reward="power")
 
 
+def _check_iw_opd(cfg: EstimatorConfig, gamma: float) -> None:
+    if cfg.iw_opd_weight_max != 1.0 and gamma != 0.0:
+        raise ConfigError("estimator.iw_opd_weight_max", f"got {cfg.iw_opd_weight_max} with {cfg.name} at gamma = "
+                          f"{gamma}; IW-OPD reweights token-level advantages: set estimator.gamma=0 "
+                          "(sampled_token, power_opd, vopd) or iw_opd_weight_max=1")
+
+
 def _needs_sampled(cfg: EstimatorConfig) -> Needs:
+    _check_iw_opd(cfg, 1.0 if cfg.name == "seq_rkl" else cfg.gamma)
     return Needs(teacher_sampled=True)
 
 

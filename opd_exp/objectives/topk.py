@@ -17,6 +17,13 @@ back-propagated analytically through the student's head (not an advantage) and a
 unbiased); ``tail: sampled_is_official`` is what the official verl-agent code computes (biased, see
 :func:`_sampled_tail_BT`); ``tail: bucket`` one bucket holding each model's mass outside S_t.
 
+``topk_stop_grad: true`` (with ``normalize: none``, ``tail: none``) is the stop-gradient top-K objective of "The
+Many Faces of On-Policy Distillation" (arXiv 2605.11182; official code ulab-uiuc/Open-On-Policy-Distillation,
+slime/backends/megatron_utils/loss.py, ``--opd-kl-mode topk_reverse_kl_notail_sg``, K = 20 on pi_old's top-K):
+sum_{v in S_t} p_s(v) [sg(log p_s(v)) - log p_t(v)], whose gradient sum_S p_s (log p_s - log p_t) grad log p_s
+is the full reverse-KL gradient's terms on S_t: the + grad P_s(S_t) that pushes mass off the support without
+the stop-gradient (F6(a)) is gone, and at K = V it is the full reverse-KL gradient.
+
 ``normalize: unnormalized_gkl`` is MOPD's top-K objective (arXiv 2606.30406, Eq. 5): full-vocabulary
 (unrenormalised) probabilities in the generalised KL of unnormalised measures,
 sum_{v in S_t} [p_s (log p_s - log p_t) - p_s + p_t], non-negative per term, zero with zero gradient at
@@ -46,6 +53,11 @@ def _check_topk_cfg(cfg: EstimatorConfig) -> None:
     if cfg.tail != "none" and cfg.normalize == "unnormalized_gkl":
         raise ConfigError("estimator.tail", f"got {cfg.tail!r} with normalize='unnormalized_gkl'; MOPD's "
                           "generalised KL has no tail term: set estimator.tail=none")
+    if cfg.topk_stop_grad and (cfg.normalize != "none" or cfg.tail != "none"):
+        raise ConfigError("estimator.topk_stop_grad", f"got true with normalize={cfg.normalize!r}, "
+                          f"tail={cfg.tail!r}; the stop-gradient top-K objective (arXiv 2605.11182) is defined on "
+                          "full-vocabulary log-probs without a tail: set normalize=none tail=none (renormalised, "
+                          "the stop-gradient changes nothing: sum_S grad p~ = 0)")
     if cfg.tail in SAMPLED_TAILS and cfg.add_sampled:
         raise ConfigError("estimator.add_sampled", f"got true with tail={cfg.tail!r}: the sampled token would "
                           "be counted both in the support and in the tail (biased); set add_sampled=false")
@@ -151,6 +163,9 @@ def topk_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> Lo
       ``bucket``: one tail bucket of mass 1 - sum_S for each model (:func:`_bucket_term_BT`).
     - Without a tail ``normalize: none`` is zero at p_s = q but its gradient is not: it pushes student mass
       off the support (the paper's collapse without renormalisation, Fig. 6a).
+    - ``topk_stop_grad`` (normalize none, no tail): p_s (sg[log p_s] - log p_t) per support term; same value,
+      gradient sum_S p_s (log p_s - log p_t) grad log p_s (arXiv 2605.11182's stop-gradient top-K): zero at
+      p_s = q, the full reverse-KL gradient at K = V.
 
     student: head with grad (any float dtype, float32 inside); ids long; log-probs float32; masks bool.
     Metrics: kl, support_kl, teacher_support_mass, sampled_outside_frac (add_sampled), tail_outside_frac.
@@ -162,7 +177,9 @@ def topk_rkl_loss(student: LogitsHead, batch: Batch, cfg: EstimatorConfig) -> Lo
     zero = torch.zeros((), dtype=logp_BTK.dtype, device=logp_BTK.device)
     logp0_BTK, logq0_BTK = torch.where(valid_BTK, logp_BTK, zero), torch.where(valid_BTK, logq_BTK, zero)
     p0_BTK = torch.where(valid_BTK, logp0_BTK.exp(), zero)
-    per_pos_BT = (p0_BTK * (logp0_BTK - logq0_BTK)).sum(-1)
+    # topk_stop_grad: the gradient is sum_S p_s (log p_s - log q) grad log p_s, without the + grad P_s(S) term
+    logp_factor_BTK = logp0_BTK.detach() if cfg.topk_stop_grad else logp0_BTK
+    per_pos_BT = (p0_BTK * (logp_factor_BTK - logq0_BTK)).sum(-1)
     if cfg.normalize == "unnormalized_gkl":
         per_pos_BT = per_pos_BT + (torch.where(valid_BTK, logq0_BTK.exp(), zero) - p0_BTK).sum(-1)
     metrics = {"support_kl": masked_mean(per_pos_BT, mask_BT),

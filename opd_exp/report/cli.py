@@ -12,7 +12,8 @@ seeds are aggregated into mean, a 95% t-interval (n - 1 degrees of freedom; n = 
 unfinished cells are listed in README.md with their error's last line, never fatal. With several experiments
 and --out, each goes to <out>/<experiment>/. Toy-study runs (runner toy_gamma / toy_exact) go to
 opd_exp.toy.report.write_toy_report; `failure_modes` runs also go to opd_exp.report.failure.write_failure_report
-(its figures, tables and verdicts open the README).
+(its figures, tables and verdicts open the README); `estimators` runs also go to
+opd_exp.report.estimators.write_estimators_report (the gradient probe's table, ranking and figures).
 
 Layout: the experiment's `report:` block (conf/experiment/<name>.yaml) mirrors the paper's rows x columns:
 
@@ -84,6 +85,7 @@ from opd_exp.report.table import (
 
 TOY_RUNNERS = ("toy_gamma", "toy_exact")
 FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.report.failure (figures and verdicts)
+ESTIMATORS_EXPERIMENT = "estimators"  # its runs also go to opd_exp.report.estimators (the gradient probe)
 CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom); "
            "n = 1 has no interval (nan in the CSV).")
 
@@ -309,6 +311,10 @@ def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> 
         from opd_exp.report.failure import write_failure_report
 
         body += write_failure_report(opd, out)
+    if name == ESTIMATORS_EXPERIMENT and opd:
+        from opd_exp.report.estimators import write_estimators_report
+
+        body += write_estimators_report(opd, out)
     if opd:
         body += write_claims(opd, out, spec_)
     body += provenance(runs, args)

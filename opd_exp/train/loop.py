@@ -34,7 +34,7 @@ from opd_exp.models.pair import ModelPair, cache_root, load_pair, masked_token_i
 from opd_exp.objectives import ESTIMATORS
 from opd_exp.rollout import make_backend
 from opd_exp.tasks.base import Task, make_task
-from opd_exp.train import checkpoint, distributed
+from opd_exp.train import checkpoint, distributed, probe
 from opd_exp.train.diagnostics import save_raw_samples
 from opd_exp.train.evaluate import evaluate_model
 from opd_exp.train.step import train_step
@@ -238,6 +238,11 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             idx = distributed.shard(prompts_for_step(len(task.train), cfg.seed, step, cfg.train.prompts_per_step))
             prompts = [task.prompt_ids(pair.tokenizer, task.train[i]) for i in idx]
             last = step == cfg.train.steps - 1
+            if cfg.estimator.probe_every and step % cfg.estimator.probe_every == 0 and distributed.is_main():
+                with fork_rng(device):  # the probe's rollouts leave the run's own RNG (and trajectory) as it was
+                    torch.manual_seed(cfg.seed * 1_000_003 + step)
+                    probe.append_rows(run_dir / "probe.jsonl", step,
+                                      probe.probe_step(pair, prompts, cfg, backend, special_ids))
             diagnose = bool(cfg.train.diag_every) and (step % cfg.train.diag_every == 0 or last)
             metrics, _, diag = train_step(pair, prompts, cfg, spec, backend, optimizer, scheduler, special_ids,
                                           diagnose)
