@@ -205,7 +205,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         check_against_vocab(cfg, len(pair.tokenizer))
         check_pair_tokenizers(pair, task)
         # resolved whether or not masking is on: the diagnostics report the special tokens' share either way
-        special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens)
+        try:
+            special_ids = resolve_token_ids(pair.tokenizer, cfg.mask.tokens or cfg.model.special_tokens)
+        except ValueError as err:
+            raise ConfigError("mask.tokens" if cfg.mask.tokens else "model.special_tokens", str(err)) from None
         spec = ESTIMATORS[cfg.estimator.name]
         backend = make_backend(cfg.sampling.backend)
         student = pair.student
