@@ -24,14 +24,22 @@ Exit status (single run; a sweep records each cell's status in its run_summary.j
          (pre-emption takes the whole job); rerunning it skips finished cells and resumes this one. With a
          parallel launcher (joblib) the launching process passes SIGTERM on to its worker processes.
     130  interrupted by Ctrl-C (SIGINT): summary status: interrupted; resumes from the last periodic checkpoint.
+    75   the run dir is in use: another process holds its lock (one line names its pid and host); nothing was
+         touched. `--wait` waits for it instead (then skips the dir if that process finished it).
+
+One process at a time trains in a run dir (opd_exp.rundir.RunLock, held for the whole run). A sweep runs each
+cell in a forked child process (opd_exp.processes.run_forked): a cell killed by a signal (the OOM killer) is
+recorded as failed and the sweep goes on; so does a cell whose dir cannot be written (opd_exp.launchers).
 """
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -43,8 +51,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from opd_exp import rundir
 from opd_exp.config import RunConfig, load_run_config
-from opd_exp.config.validation import ConfigError
-from opd_exp.processes import EXIT_INTERRUPTED, forward_sigterm
+from opd_exp.config.validation import ConfigError, check_paths
+from opd_exp.launchers import isolate_cells
+from opd_exp.processes import EXIT_INTERRUPTED, forward_sigterm, run_forked
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -56,13 +65,22 @@ RUNNERS = {
 }
 
 
+# what a runner's first model load imports lazily (~1,000 modules, 4-5 s on a 2-core CPU), imported before a
+# sweep forks its cells so that each cell's child starts with them
+PRELOAD = {"opd": ("transformers.modeling_utils", "transformers.generation.utils")}
+
+
 def _runner(name: str):
     module, func = RUNNERS[name].split(":")
     return getattr(importlib.import_module(module), func)
 
 
-EXIT_FAILED, EXIT_CONFIG, EXIT_SIGINT = 1, 2, 130
+EXIT_FAILED, EXIT_CONFIG, EXIT_BUSY, EXIT_SIGINT = 1, 2, 75, 130  # 75: EX_TEMPFAIL (sysexits.h), try later
 LAUNCHER_PID = "OPD_EXP_LAUNCHER_PID"  # env: the pid of the process that launched the run or sweep
+WAIT = "OPD_EXP_WAIT"  # env, set by --wait: a run dir in use is waited for instead of refused
+DISK_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted"}
 
 
 def _clean_errors() -> tuple[type[Exception], ...]:
@@ -72,6 +90,56 @@ def _clean_errors() -> tuple[type[Exception], ...]:
     from opd_exp.train.checkpoint import CheckpointError
 
     return ConfigError, ModelLoadError, CheckpointError
+
+
+def disk_error(err: BaseException) -> OSError | None:
+    """The OSError of a full disk or an unwritable file behind ``err``: itself or an exception it was raised from
+    or while handling (torch.save reports a failed write as a RuntimeError raised while handling it)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def disk_message(run_dir: Path, err: OSError, started: bool = True) -> str:
+    """One line: the file, the problem, what to do (``started``: the run wrote a checkpoint it resumes from)."""
+    where = err.filename or run_dir
+    then = "; earlier checkpoints are kept: free space or fix the permissions, then run the same command " \
+           "again to resume" if started else ": free space, fix the permissions or choose another hydra.run.dir"
+    return f"{where}: {DISK_ERRNOS[err.errno]} (errno {err.errno}){then}"
+
+
+def write_final_summary(run_dir: Path, summary: dict) -> str | None:
+    """Write the summary atomically; when that fails (a full disk has no room for the temp file), drop the
+    stale one (its "running" would be a lie, and its blocks make room) and try once more. Returns None when
+    written, else the one-line problem (the dir is then left with no summary: unfinished, resumable)."""
+    path = run_dir / rundir.SUMMARY
+    try:
+        rundir.atomic_write_json(path, summary)
+        return None
+    except OSError:
+        path.unlink(missing_ok=True)
+    try:
+        rundir.atomic_write_json(path, summary)
+        return None
+    except OSError as err:
+        path.unlink(missing_ok=True)
+        reason = DISK_ERRNOS.get(err.errno, err.strerror)
+        return (f"{path}: cannot be written ({reason}); status {summary['status']} not recorded, the dir has no "
+                f"summary (unfinished): free space, then run the same command again")
+
+
+def _cannot_write(run_dir: Path, err: OSError, multirun: bool) -> dict:
+    """The run dir cannot be written before the run starts: one line; exit 1 (a sweep's cell: failed)."""
+    if disk_error(err) is None:
+        raise err
+    message = disk_message(run_dir, disk_error(err), started=False)
+    print(f"[opd-exp] {message}", file=sys.stderr)
+    if not multirun:
+        sys.exit(EXIT_FAILED)
+    return {"status": "failed", "error": message}
 
 
 def _time_so_far(run_dir: Path) -> tuple[float, int]:
@@ -92,6 +160,7 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
                "versions": rundir.package_versions()}
     try:
         cfg: RunConfig = load_run_config(cfg_node)
+        check_paths(cfg)
         if cfg.runner == "opd":  # read the task's data now: a dataset error exits 2 before any run file
             from opd_exp.tasks.base import make_task
 
@@ -106,6 +175,25 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
         print(f"[opd-exp] {run_dir}: {err}", file=sys.stderr)
         return summary
     summary.update(runner=cfg.runner, experiment=cfg.experiment, seed=cfg.seed)
+    lock = rundir.RunLock(run_dir)
+    try:
+        lock.acquire(wait=bool(os.environ.get(WAIT)))
+    except rundir.RunDirBusy as err:
+        print(f"[opd-exp] {err}", file=sys.stderr)
+        if not multirun:
+            sys.exit(EXIT_BUSY)
+        return {"status": "busy", "error": str(err)}
+    except OSError as err:  # a read-only run dir, a full disk
+        return _cannot_write(run_dir, err, multirun)
+    try:
+        return _execute_locked(cfg, cfg_node, run_dir, summary, multirun, start, lock)
+    finally:
+        lock.release()
+
+
+def _execute_locked(cfg: RunConfig, cfg_node: DictConfig, run_dir: Path, summary: dict, multirun: bool,
+                    start: float, lock: rundir.RunLock) -> dict:
+    """execute() once this process holds the run dir's lock."""
     if rundir.is_finished(run_dir):
         if not cfg.overwrite:
             _tell_other_ranks("skip")
@@ -113,38 +201,94 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
             return rundir.read_summary(run_dir)
         rundir.clear_run(run_dir)  # else the final checkpoint would "resume" a finished run
     _tell_other_ranks("run")
+    lock.claim()
     elapsed_before, attempt = _time_so_far(run_dir)
-    rundir.atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg_node, resolve=True))
     summary.update(attempt=attempt, started_at=start, wall_time_s=elapsed_before)
-    rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
+    try:
+        rundir.atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg_node, resolve=True))
+        rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
+    except OSError as err:
+        return _cannot_write(run_dir, err, multirun)
     try:
         outcome = _runner(cfg.runner)(cfg, run_dir)
         summary.update(outcome)
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="KeyboardInterrupt")
     except Exception as err:  # a failed sweep cell must not stop the others
-        if isinstance(err, _clean_errors()):  # bad input file, or a config check that needed the models
-            summary.update(status="failed", error=str(err))
-            print(f"[opd-exp] {run_dir}: {err}" if multirun else str(err), file=sys.stderr)
+        disk = disk_error(err)
+        if isinstance(err, _clean_errors()) or disk is not None:  # bad input file, a late config check, full disk
+            summary.update(status="failed", error=disk_message(run_dir, disk) if disk is not None else str(err))
+            print(f"[opd-exp] {run_dir}: {summary['error']}" if multirun else summary["error"], file=sys.stderr)
         else:
             summary.update(status="failed", error=traceback.format_exc())
             print(f"[opd-exp] run failed in {run_dir}:\n{summary['error']}", file=sys.stderr)
     summary["wall_time_s"] = elapsed_before + time.time() - start
-    rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
+    unwritten = write_final_summary(run_dir, summary)
+    if unwritten is not None:
+        print(f"[opd-exp] {unwritten}", file=sys.stderr)
+        summary["status"] = "failed"
     if summary["status"] == "interrupted":
         sigint = summary.get("error") == "KeyboardInterrupt"
         saved = "the last periodic checkpoint is kept" if sigint else "checkpoint saved"
         print(f"[opd-exp] {run_dir}: interrupted; {saved}; run the same command again to resume", file=sys.stderr)
-        code = EXIT_SIGINT if sigint else EXIT_INTERRUPTED
-        if os.environ.get(LAUNCHER_PID, str(os.getpid())) != str(os.getpid()):
-            # a sweep's worker process (joblib/loky): it would catch SystemExit and idle on; end it so the
-            # launching process (opd_exp.processes.forward_sigterm) sees its cells are done
-            sys.stderr.flush()
-            os._exit(code)
-        sys.exit(code)
+        end_interrupted(EXIT_SIGINT if sigint else EXIT_INTERRUPTED)
     if summary["status"] == "failed" and not multirun:  # a config check that needed the models: exit 2
         sys.exit(EXIT_CONFIG if summary.get("error", "").startswith("config error:") else EXIT_FAILED)
     return summary
+
+
+def end_interrupted(code: int) -> None:
+    """Exit with an interruption's status (130, 143): a sweep stops there, as the whole job is pre-empted."""
+    if os.environ.get(LAUNCHER_PID, str(os.getpid())) != str(os.getpid()):
+        # a sweep cell's process (forked child, joblib/loky worker): a worker would catch SystemExit and idle on;
+        # end it so the launching process (opd_exp.processes.forward_sigterm) sees its cells are done
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def execute_cell(cfg_node: DictConfig, run_dir: Path, overrides: list[str]) -> dict:
+    """A sweep cell: execute() in a forked child (opd_exp.processes.run_forked). A signal that kills the child
+    (the OOM killer's SIGKILL) fails this cell alone, recorded in its summary, and the sweep goes on; an
+    interruption the cell handled (SIGTERM: 143, Ctrl-C: 130) stops the sweep as before."""
+    name = str(cfg_node.get("runner"))
+    if name in RUNNERS:  # imported once, here (torch, transformers, ...): every cell's child starts with them
+        for module in (RUNNERS[name].split(":")[0], *PRELOAD.get(name, ())):
+            importlib.import_module(module)
+    code, killed_by = run_forked(lambda: execute(cfg_node, run_dir, overrides, multirun=True))
+    if killed_by is None and code in (EXIT_INTERRUPTED, EXIT_SIGINT):
+        end_interrupted(code)
+    if killed_by is None:
+        return rundir.read_summary(run_dir) or {"status": "failed", "error": f"the cell exited with status {code}"}
+    return record_killed(run_dir, killed_by, overrides)
+
+
+def record_killed(run_dir: Path, signame: str, overrides: list[str]) -> dict:
+    """Mark a cell whose process a signal killed as failed (a summary left "running", or none), once the lock
+    it held has died with it; a finished summary is never touched. One line on stderr."""
+    oom = " (out of memory? the OOM killer sends SIGKILL)" if signame == "SIGKILL" else ""
+    message = (f"{run_dir}: the cell's process was killed by {signame}{oom}; the other cells go on; run the "
+               f"same command again to resume this one")
+    print(f"[opd-exp] {message}", file=sys.stderr)
+    failed = {"status": "failed", "error": message, "overrides": overrides}
+    lock = rundir.RunLock(run_dir)
+    try:
+        lock.acquire()
+    except (rundir.RunDirBusy, OSError):  # another process took the dir over, or it cannot be written
+        return failed
+    lock.claim()  # and, on release, clear the dead process's name
+    try:
+        summary = rundir.read_summary(run_dir)
+        if summary is not None and summary.get("status") != "running":
+            return summary
+        if summary is not None:  # its wall time counts up to now, as _time_so_far would count it
+            spent = float(summary.get("wall_time_s") or 0.0) + time.time() - float(summary["started_at"])
+            failed = {**summary, **failed, "wall_time_s": spent}
+        rundir.atomic_write_json(run_dir / rundir.SUMMARY, failed)
+        return failed
+    finally:
+        lock.release()
 
 
 # ----------------------------------------------------------------------------- data-parallel (torchrun)
@@ -198,6 +342,8 @@ def hydra_main(cfg: DictConfig) -> None:
         distributed.init()
         if _ranks()[0] > 0:
             return follow(cfg, run_dir)
+    if hc.mode == RunMode.MULTIRUN and _ranks()[1] == 1:
+        return execute_cell(cfg, run_dir, list(hc.overrides.task))
     execute(cfg, run_dir, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
 
 
@@ -229,14 +375,37 @@ def check_cli_keys(argv: list[str]) -> list[str]:
     return argv
 
 
+def check_output_dir(argv: list[str]) -> list[str]:
+    """The run dir (the sweep dir with -m) named on the command line must be a writable dir: created and probed
+    here, so that a read-only or misplaced one is one line naming the field, not Hydra's logging traceback."""
+    key = "hydra.sweep.dir" if {"-m", "--multirun"} & set(argv) else "hydra.run.dir"
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if name != key or not eq or "${" in value:
+            continue
+        try:
+            Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=Path(value).expanduser()):
+                pass
+        except OSError as err:
+            raise ConfigError(key, f"got {value}: cannot be written ({err.strerror or err}); choose a writable "
+                              f"dir") from None
+    return argv
+
+
 def main() -> None:
     os.environ[LAUNCHER_PID] = str(os.getpid())  # inherited by a parallel launcher's worker processes
     signal.signal(signal.SIGTERM, forward_sigterm)
+    argv = sys.argv[1:]
+    if "--wait" in argv:  # ours, not Hydra's: wait for a run dir that another process holds
+        argv.remove("--wait")
+        os.environ[WAIT] = "1"
     try:
-        sys.argv[1:] = check_torchrun_args(check_cli_keys(sys.argv[1:]))
+        sys.argv[1:] = check_output_dir(check_torchrun_args(check_cli_keys(argv)))
     except ConfigError as err:
         print(str(err), file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    isolate_cells()
     hydra_main()
 
 

@@ -1,8 +1,14 @@
-"""The launching process and its workers: SIGTERM to a sweep reaches every cell's process.
+"""The launching process and its workers: SIGTERM to a sweep reaches every cell's process, and one cell's death
+never takes the sweep with it.
 
 A parallel launcher (joblib/loky) runs cells in worker processes that would train on, orphaned, when the
 launching process is terminated (a scheduler's pre-emption). :func:`forward_sigterm` is the launching process's
 SIGTERM handler: it passes the signal on to its descendants, waits for them to checkpoint, and exits 143.
+
+Cell isolation, with every launcher: :func:`run_forked` runs a sweep cell in a forked child of the process the
+launcher gave it (the sweep's own process, a loky worker, a submitit job): a cell killed by a signal (the OOM
+killer's SIGKILL) ends only that child; the launcher's process records the cell as failed and the sweep goes on.
+(A cell whose dir cannot be written: opd_exp/launchers.py.)
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ import os
 import signal
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports a TERM'd job
 
@@ -62,3 +71,47 @@ def forward_sigterm(signum, frame) -> None:
     print(f"[opd-exp] SIGTERM: passed on to {len(workers)} worker process(es); rerun the same command to resume",
           file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
+
+
+# ----------------------------------------------------------------------------- one cell in a forked child
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def run_forked(work: Callable[[], Any]) -> tuple[int, str | None]:
+    """Run ``work()`` in a forked child and wait for it: (exit status, None), or (128 + n, its name) when a
+    signal killed it. The child inherits open files (a run dir's lock included) and imported modules; it exits
+    with ``SystemExit``'s code, 1 on another exception (traceback on stderr), else 0. While waiting, SIGTERM
+    is passed on to the child (which checkpoints) and Ctrl-C is left to it."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's stack
+        code = 0
+        try:
+            work()
+        except SystemExit as err:
+            code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(code)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(pid, signal.SIGTERM))
+    try:
+        while True:
+            try:
+                _, status = os.waitpid(pid, 0)
+                break
+            except KeyboardInterrupt:  # Ctrl-C reaches the child too; it checkpoints and exits 130
+                continue
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status), signal_name(os.WTERMSIG(status))
+    return os.waitstatus_to_exitcode(status), None

@@ -5,6 +5,7 @@ A run dir (Hydra's output dir) holds:
     metrics.jsonl      one JSON object per line: {"step": int, "<ns>/<name>": float, ...}, ns in train/eval/diag
     run_summary.json   status, results, wall time, seed, provenance (written atomically, updated at the end)
     checkpoints/       the training state (see opd_exp.train.checkpoint)
+    .run.lock          held (flock) by the one process running in this dir; its text names the holder
 
 ``run_summary.json`` schema (the report reads only this and metrics.jsonl):
     status:      "running" | "completed" | "failed" | "diverged" | "interrupted"
@@ -18,17 +19,24 @@ A run dir (Hydra's output dir) holds:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
 import platform
+import socket
 import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 SUMMARY = "run_summary.json"
 METRICS = "metrics.jsonl"
+LOCK = ".run.lock"
+NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}  # a file system without flock (some Lustre mounts)
 FINISHED = ("completed", "diverged")
 
 
@@ -93,6 +101,69 @@ def clear_run(run_dir: str | Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
+class RunDirBusy(RuntimeError):
+    """Another process holds the run dir's lock; the message names it (pid, host, since when)."""
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``<run_dir>/.run.lock``, held for the whole run, so that one process alone
+    trains in (and writes the metrics of) a run dir. The lock ends with its process, however it ends (SIGKILL
+    included). While a process runs the dir (:meth:`claim`) the file's text names it for the one-line refusal;
+    the text is cleared on release, so a process that only looked (a finished dir, skipped) changes no byte."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK
+        self.fd: int | None = None
+        self.claimed = False
+
+    def acquire(self, wait: bool = False) -> None:
+        """Take the lock, or raise :class:`RunDirBusy` naming the holder (``wait``: block until it is free)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno in NO_FLOCK:  # e.g. Lustre mounted without -o flock: run, unguarded, and say so
+                os.close(fd)
+                print(f"[opd-exp] warning: {self.run_dir}'s file system does not support flock; running without "
+                      f"the run-dir lock (one process per run dir is up to you)", file=sys.stderr)
+                return
+            if not isinstance(err, BlockingIOError):
+                os.close(fd)
+                raise
+            busy = f"{self.run_dir} is in use by {self.holder()}"
+            if not wait:
+                os.close(fd)
+                raise RunDirBusy(f"{busy}; wait for it to end, or run the same command with --wait") from None
+            print(f"[opd-exp] {busy}; waiting for it to end (--wait)", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        self.fd = fd
+
+    def claim(self) -> None:
+        """Write this process (pid, host, time) into the lock file, for the refusal of the next one."""
+        if self.fd is None:  # no flock on this file system
+            return
+        self.claimed = True
+        text = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, text.encode(), 0)
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text().strip() or "another process"
+        except OSError:
+            return "another process"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            if self.claimed:
+                os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
 def last_write_time(run_dir: str | Path) -> float | None:
     """The newest mtime among the files a run writes while training (None when it wrote none): how far a
     killed attempt got, for its share of the wall time."""
@@ -139,6 +210,24 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return rows
+
+
+def metrics_order_problem(rows: list[dict]) -> str | None:
+    """Where metrics.jsonl stops being one writer's log, as one line; None when every key's steps strictly
+    increase (a key logged twice at one step, or at a step before its previous one, means two processes wrote
+    the file, or a file was spliced)."""
+    last: dict[str, int] = {}
+    for line, row in enumerate(rows, 1):
+        step = row.get("step")
+        if not isinstance(step, int):
+            return f"line {line}: no integer step"
+        for key in row:
+            prev = last.get(key)
+            if key != "step" and prev is not None and step <= prev:
+                what = "duplicated" if step == prev else "out of order"
+                return f"line {line}: {key} at step {step} after step {prev} ({what}; two writers?)"
+            last[key] = step
+    return None
 
 
 def git_commit() -> str | None:

@@ -199,7 +199,8 @@ class WandbConfig:
 class RunConfig:
     """Everything one run needs."""
 
-    seed: int = spec(0, "run seed (sampling, init of anything random)", ge=0)
+    # numpy's seeds stop at 2**32 - 1; 2**31 - 1 leaves room for the data-parallel offset seed + 100003 * rank
+    seed: int = spec(0, "run seed (sampling, init of anything random)", ge=0, le=2**31 - 1)
     runner: str = spec("opd", "what the run does", choices=RUNNER_NAMES)
     experiment: str = spec("default", "experiment name (tables and wandb groups)")
     device: str = spec("auto", "torch device", choices=["auto", "cpu", "cuda"])

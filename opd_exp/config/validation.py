@@ -15,6 +15,7 @@ import difflib
 import types
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -149,3 +150,21 @@ def validate(cls: type[T], node: Any, prefix: str = "") -> T:
         _check_constraints(value, f.metadata, path)
         kwargs[name] = value
     return cls(**kwargs)
+
+
+def check_paths(cfg: Any) -> None:
+    """Checks of a validated RunConfig against the file system and the token list's types, before any work:
+    the tiny pair's cache dir (``model.cache_dir``, set by env ``OPD_EXP_CACHE``) must be, or be creatable as,
+    a directory; ``mask.tokens`` must hold token strings or non-negative ids (whether each is in the vocabulary
+    is checked once the tokenizer is loaded)."""
+    if cfg.model.kind == "tiny":
+        path = Path(cfg.model.cache_dir).expanduser()
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            where = "it" if existing == path else f"{existing}"
+            raise ConfigError("model.cache_dir", f"got {str(path)!r}: {where} is a file, not a directory (set by "
+                              f"env OPD_EXP_CACHE?); point it at a directory")
+    for tok in cfg.mask.tokens or []:
+        if isinstance(tok, bool) or not isinstance(tok, (str, int)) or (isinstance(tok, int) and tok < 0):
+            raise ConfigError("mask.tokens", f"got {tok!r} in {cfg.mask.tokens!r}, allowed: token strings or "
+                              f"ids >= 0")

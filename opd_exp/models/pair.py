@@ -153,8 +153,11 @@ def pair_paths(model_cfg: ModelConfig, task_cfg: TaskConfig) -> tuple[Path, Path
     """(teacher dir, student dir, student-tokenizer dir); bootstraps the tiny pair when needed."""
     if model_cfg.kind == "tiny":
         from opd_exp.models.bootstrap import ensure_tiny_pair
+        from opd_exp.models.integrity import verify_entry
 
         entry = ensure_tiny_pair(model_cfg, task_cfg)
+        if (problem := verify_entry(entry)) is not None:
+            raise ModelLoadError(problem)
         return entry / "teacher", entry / "student", entry / "tokenizer"
     if not model_cfg.teacher_path or not model_cfg.student_path:
         raise ModelLoadError("model.kind=pretrained needs model.teacher_path and model.student_path")

@@ -63,11 +63,14 @@ from opd_exp.report.claims import claims_frame, claims_markdown, evaluate_claim
 from opd_exp.report.figures import bar_figure, curve_figure, x_figure
 from opd_exp.report.runs import (
     FINISHED,
+    NOT_RUN,
+    REJECTED,
     Run,
     cell_label,
     find_run_dirs,
     group_cells,
     load_run,
+    missing_cells,
     shown_path,
     varying_keys,
 )
@@ -344,15 +347,21 @@ def group_by_experiment(runs: list[Run]) -> dict[str, list[Run]]:
 def report(paths: list[str], out: str | None = None, results_root: str = "results") -> list[Path]:
     """Read the run dirs under ``paths`` and write one report per experiment; returns the README paths."""
     runs = [load_run(p) for p in find_run_dirs(paths)]
+    runs += missing_cells(runs, paths)
     if not runs:
         raise FileNotFoundError(f"no run dirs (run_summary.json or .hydra/config.yaml) under {paths}")
+    for run in runs:
+        if run.status == REJECTED:
+            print(f"[opd-exp-report] rejected {run.summary['error']}; left out of the tables", file=sys.stderr)
     groups = group_by_experiment(runs)
     readmes = []
     for name, exp_runs in groups.items():
         target = Path(out) / name if out and len(groups) > 1 else Path(out or Path(results_root) / name)
         readmes.append(write_experiment(name, exp_runs, target, paths))
         n_bad = sum(r.status not in FINISHED for r in exp_runs)
-        print(f"[opd-exp-report] {name}: {len(exp_runs)} runs ({n_bad} not finished) -> {target}")
+        n_missing = sum(r.status == NOT_RUN for r in exp_runs)
+        print(f"[opd-exp-report] {name}: {len(exp_runs) - n_missing} runs ({n_bad - n_missing} not finished), "
+              f"{n_missing} planned cells never ran -> {target}")
     return readmes
 
 

@@ -1,10 +1,12 @@
 """Run dirs as the reports see them: summary, resolved config, overrides, and the cell (overrides minus the seed)
-that a run belongs to."""
+that a run belongs to; a sweep's planned cells (its multirun.yaml) that never produced a run dir with a result;
+run dirs whose metrics.jsonl two processes wrote (steps out of order or duplicated) are rejected."""
 
 from __future__ import annotations
 
 import glob
 import math
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +17,10 @@ import yaml
 from opd_exp import rundir
 
 FINISHED = rundir.FINISHED
-NOT_CELL_KEYS = {"seed", "experiment", "overwrite", "device", "threads", "wandb.enabled", "wandb.mode"}
+# device and threads change the numbers (opd_exp's sweep dirs keep them apart too): they are part of a cell
+NOT_CELL_KEYS = {"seed", "experiment", "overwrite", "wandb.enabled", "wandb.mode"}
+NOT_RUN = "not run"  # the status of a planned cell with no run dir holding a result
+REJECTED = "rejected"  # the status of a run dir whose metrics.jsonl is not one writer's log
 
 
 def parse_value(text: Any) -> Any:
@@ -138,6 +143,9 @@ def load_run(path: Path) -> Run:
         override_list = yaml.safe_load((path / ".hydra" / "overrides.yaml").read_text())
     override_list = [str(o) for o in override_list or []]
     overrides = dict(split_override(o) for o in override_list if "=" in o)
+    problem = rundir.metrics_order_problem(rundir.read_metrics(path))
+    if problem is not None:
+        summary = {**summary, "status": REJECTED, "error": f"{path / rundir.METRICS}: {problem}"}
     return Run(path, summary, read_config(path), overrides, override_list)
 
 
@@ -158,6 +166,52 @@ def find_run_dirs(args: list[str]) -> list[Path]:
                     if ".submitit" not in run.parts:
                         found.add(run.resolve())
     return sorted(found)
+
+
+# ----------------------------------------------------------------------------- a sweep's plan
+
+def planned_cells(multirun_yaml: Path) -> list[list[str]]:
+    """Every cell's override list that the sweep saved in ``multirun_yaml`` plans: the cartesian product of its
+    sweeper params and command-line overrides, expanded as Hydra's basic sweeper expands them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plan = yaml.safe_load(multirun_yaml.read_text()) or {}
+    hydra_node = plan.get("hydra") or {}
+    params = ((hydra_node.get("sweeper") or {}).get("params")) or {}
+    args = [f"{k}={v}" for k, v in params.items()] + [str(o) for o in (hydra_node.get("overrides") or {})
+                                                      .get("task") or []]
+    overrides = OverridesParser.create().parse_overrides(args)
+    return BasicSweeper.split_arguments(overrides, None)[0]
+
+
+def missing_cells(runs: list[Run], args: list[str]) -> list[Run]:
+    """The planned cells of every sweep (a multirun.yaml) under ``args`` with no run dir holding a result (its
+    dir could not be written, its process died before writing, the sweep stopped first), as runs with status
+    ``not run``."""
+    seen = {frozenset(r.override_list) for r in runs}
+    missing = []
+    for top in sorted({Path(p) for arg in args for p in glob.glob(arg)} or {Path(a) for a in args}):
+        plans = [top / "multirun.yaml"] if (top / "multirun.yaml").is_file() else sorted(top.rglob("multirun.yaml"))
+        for plan_file in plans:
+            plan = yaml.safe_load(plan_file.read_text()) or {}
+            plain = {k: v for k, v in plan.items() if k != "hydra"}
+            try:
+                cells = planned_cells(plan_file)
+            except Exception as err:  # a sweep syntax only Hydra's config loader expands (glob(), choice groups)
+                print(f"[opd-exp-report] {plan_file}: its cells cannot be listed ({type(err).__name__}: {err})",
+                      file=sys.stderr)
+                continue
+            for cell in cells:
+                if frozenset(cell) in seen:
+                    continue
+                seen.add(frozenset(cell))
+                overrides = dict(split_override(o) for o in cell if "=" in o)
+                summary = {"status": NOT_RUN, "overrides": cell, "experiment": plan.get("experiment"),
+                           "runner": plan.get("runner"), "seed": overrides.get("seed", plan.get("seed")),
+                           "error": f"planned in {plan_file}; it has no run dir"}
+                missing.append(Run(plan_file.parent, summary, plain, overrides, cell))
+    return missing
 
 
 # ----------------------------------------------------------------------------- cells
