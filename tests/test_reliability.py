@@ -261,16 +261,21 @@ def test_tokenizer_audit_passes_identical_warns_on_special_tokens_stops_on_vocab
     from opd_exp.train.loop import check_pair_tokenizers
 
     task = SimpleNamespace(convention=Convention())
-    check_pair_tokenizers(SimpleNamespace(teacher_tokenizer=build_tokenizer(), tokenizer=build_tokenizer()), task)
+
+    def pair(teacher_tokenizer):  # no models: their generation configs add no stop ids to the probes
+        return SimpleNamespace(teacher_tokenizer=teacher_tokenizer, tokenizer=build_tokenizer(), student=None,
+                               teacher=None)
+
+    check_pair_tokenizers(pair(build_tokenizer()), task)
     assert not caplog.records  # an identical pair passes silently
     other_eos = build_tokenizer()
     other_eos.eos_token = ALT_EOS
-    check_pair_tokenizers(SimpleNamespace(teacher_tokenizer=other_eos, tokenizer=build_tokenizer()), task)
+    check_pair_tokenizers(pair(other_eos), task)
     assert "EOS differs" in caplog.text and "tokenizer audit" in caplog.text  # the report, and training goes on
     bigger = build_tokenizer()
     bigger.add_tokens(["<extra>"])
     with pytest.raises(ConfigError) as err:
-        check_pair_tokenizers(SimpleNamespace(teacher_tokenizer=bigger, tokenizer=build_tokenizer()), task)
+        check_pair_tokenizers(pair(bigger), task)
     assert err.value.field == "model.teacher_path" and "vocabularies differ" in str(err.value)
 
 
