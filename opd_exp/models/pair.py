@@ -18,7 +18,7 @@ tokenizers agree on the ids of the response's tokens; the tiny pair shares one v
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,12 @@ class ModelPair:
     student: Any
     tokenizer: Any
     teacher_tokenizer: Any
+    teachers: dict[str, Any] = field(default_factory=dict)  # task name -> its own teacher (model.teachers)
+
+    def for_task(self, name: str) -> ModelPair:
+        """The pair whose teacher scores task ``name``'s rows: its own (``model.teachers``), else the default
+        (arXiv 2603.25562's multi-task setting switches teachers per task)."""
+        return self if name not in self.teachers else replace(self, teacher=self.teachers[name])
 
     @property
     def vocab_size(self) -> int:
@@ -164,7 +170,13 @@ def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.
     teacher = load_checkpoint(teacher_dir, device, dtype, role="teacher")
     check_vocab(student, tokenizer, "student", student_dir)
     check_vocab(teacher, teacher_tokenizer, "teacher", teacher_dir)
-    teacher.eval()
-    teacher.requires_grad_(False)
+    teachers = {}
+    for task, path in (model_cfg.teachers or {}).items():  # a task's own teacher shares the student's ids
+        teachers[task] = load_checkpoint(path, device, dtype, role=f"teacher of task {task}")
+        check_vocab(teachers[task], tokenizer, f"teacher of task {task}", Path(path).expanduser())
+    for model in [teacher, *teachers.values()]:
+        model.eval()
+        model.requires_grad_(False)
     student.train()
-    return ModelPair(teacher=teacher, student=student, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+    return ModelPair(teacher=teacher, student=student, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
+                     teachers=teachers)
