@@ -246,11 +246,14 @@ def test_cross_field_checks_name_the_field(node, field, words):
 
 
 def test_k_larger_than_the_vocabulary_fails_once_the_pair_is_loaded(smoke, tmp_path, capsys):
+    from opd_exp.models.tokenization import build_tokenizer
+
+    V = len(build_tokenizer())
     with pytest.raises(SystemExit) as exit_:
-        smoke.execute(tmp_path / "run", "estimator=topk_rkl", "estimator.top_k=31")
+        smoke.execute(tmp_path / "run", "estimator=topk_rkl", f"estimator.top_k={V + 1}")
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err  # a config error, even when found after loading
-    assert "config error: estimator.top_k: got 31, allowed: 1..30 (vocab size)" in err
+    assert f"config error: estimator.top_k: got {V + 1}, allowed: 1..{V} (vocab size)" in err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -16,6 +16,7 @@ from opd_exp.models.tokenization import (
     build_tokenizer,
     resolve_token_ids,
 )
+from opd_exp.tasks.games import vocabulary_words
 from opd_exp.tasks.math import MathTask
 
 
@@ -25,8 +26,8 @@ def tok():
 
 
 def test_vocabulary_is_small_and_complete(tok):
-    assert len(tok) == len(SPECIALS) + len(CHARS)
-    assert 25 <= len(tok) <= 40
+    assert len(tok) == len(SPECIALS) + len(CHARS) + len(vocabulary_words())
+    assert 100 <= len(tok) <= 200  # one vocabulary for math (characters) and the games (words)
     assert tok.padding_side == "left"
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == (BOS, EOS, PAD)
 

@@ -87,7 +87,7 @@ class MaskConfig:
 class TaskConfig:
     """The prompt source and grader."""
 
-    name: str = spec("math", "task name", choices=["math", "benchmark", "champ"])
+    name: str = spec("math", "task name", choices=["math", "benchmark", "champ", "agentic", "math_agentic"])
     min_ops: int = spec(2, "fewest +/- operations in a training problem", ge=1)
     max_ops: int = spec(4, "most +/- operations in a training problem", ge=1)
     max_operand: int = spec(9, "operands are drawn from 0..max_operand", ge=1)
@@ -108,6 +108,20 @@ class TaskConfig:
     prompt_template: str = spec(BENCHMARK_PROMPT, "benchmark/champ: the user turn; {problem} is replaced by the "
                                 "problem (other braces are literal)")
     system_prompt: str | None = spec(None, "benchmark/champ: a system turn before the user turn (null = none)")
+    # the agentic task (opd_exp/tasks/agentic.py: TextWorld games) and the mix (opd_exp/tasks/mix.py)
+    n_train_games: int = spec(256, "training games (the teacher's SFT data and the OPD prompt stream)", ge=1)
+    n_eval_games: int = spec(50, "games per eval split", ge=1)
+    game_rooms: int = spec(2, "rooms in a training game (a chain)", ge=1, le=10)
+    game_receptacles: int = spec(2, "supporters/containers per room", ge=1, le=3)
+    game_distractors: int = spec(2, "objects besides the quest's", ge=0, le=8)
+    game_eval_splits: dict = spec(default_factory=lambda: {"id": {}, "hard": {"rooms": 3}},
+                                  doc="name -> overrides of rooms/receptacles/distractors")
+    game_workers: int = spec(2, "processes generating a game pool", ge=1)
+    games_dir: str | None = spec(None, "game cache root; null = OPD_EXP_CACHE, else ~/.cache/opd_exp")
+    max_turns: int = spec(8, "actions per episode", ge=1)
+    max_action_tokens: int = spec(12, "tokens per action", ge=1)
+    mix: dict = spec(default_factory=lambda: {"math": 1, "agentic": 1},
+                     doc="task=math_agentic: batches per task in each round of the schedule (task -> int >= 0)")
 
 
 @dataclass
@@ -125,6 +139,8 @@ class ModelConfig:
                                             doc="default tokens for special-token masking; null = read from the "
                                             "pair (think delimiters in its vocabulary, its EOS and stop ids)")
     bootstrap: dict = spec(default_factory=dict, doc="tiny-pair bootstrap settings (see opd_exp.models.bootstrap)")
+    teachers: dict = spec(default_factory=dict, doc="task name -> checkpoint dir of that task's own teacher (a "
+                          "mix's rows are scored by their task's teacher); tasks not named use the pair's teacher")
     cache_dir: str = spec("~/.cache/opd_exp", "where bootstrapped pairs are cached (keyed by config hash)")
     # --- real pairs (opd_exp/models/pair.py): hub ids or local dirs, precision, memory, LoRA
     teacher_revision: str | None = spec(None, "hub revision of a teacher_path that is a hub id (null = main)")
@@ -253,6 +269,9 @@ def check_cross_fields(cfg: RunConfig) -> None:
             if getattr(cfg.model, name):
                 raise ConfigError(f"model.{name}", f"got {getattr(cfg.model, name)!r}, only used when "
                                   f"model.kind=pretrained (model.kind is {cfg.model.kind!r})")
+    for name in cfg.model.teachers or {}:  # a teacher per task (the mix): only tasks a run can train on
+        if name not in ("math", "agentic"):
+            raise ConfigError(f"model.teachers.{name}", "unknown task; allowed values: math, agentic")
     if cfg.eval.n_prompts is not None and cfg.eval.n_prompts > cfg.task.n_eval:
         raise ConfigError("eval.n_prompts", f"got {cfg.eval.n_prompts}, allowed: <= task.n_eval "
                           f"({cfg.task.n_eval}), the prompts each eval split has")

@@ -42,12 +42,14 @@ import torch
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from opd_exp.config import ModelConfig, TaskConfig
+from opd_exp.config import ModelConfig, SamplingConfig, TaskConfig
 from opd_exp.config.validation import ConfigError, spec, validate
-from opd_exp.models.tokenization import Convention, build_tokenizer, resolve_token_ids
+from opd_exp.models.tokenization import Convention, build_tokenizer, resolve_token_ids, warn_unknown
+from opd_exp.rollout.hf import HFGenerateBackend
+from opd_exp.rollout.multiturn import play, turn_ids
 from opd_exp.tasks.math import Example, MathTask
 
-BOOTSTRAP_VERSION = 1  # bump when a code change alters the trained pair (invalidates every cache entry)
+BOOTSTRAP_VERSION = 2  # bump when a code change alters the trained pair (invalidates every cache entry)
 COMPLETE = "COMPLETE"  # marker file, written last; an entry without it is never loaded
 META = "bootstrap.json"
 HASH_EXCLUDED = ("threads", "progress", "eval_every")  # settings that do not change what is trained
@@ -64,6 +66,8 @@ class MemberConfig:
     intermediate_size: int = spec(0, "MLP width (0 = 4 * hidden_size)", ge=0)
     sft_examples: int = spec(0, "train problems the model sees (0 = the whole train pool): the data-gap knob",
                              ge=0)
+    sft_games: int = spec(0, "training games the model sees (0 = all; agentic task): the games' data-gap knob",
+                          ge=0)
     sft_steps: int = spec(500, "optimizer steps", ge=0)
     batch_size: int = spec(64, "sequences per step", ge=1)
     lr: float = spec(2e-3, "AdamW peak learning rate (linear warm-up, cosine decay to 10%)", gt=0.0)
@@ -75,7 +79,8 @@ class MemberConfig:
 
 
 def _student_defaults() -> MemberConfig:
-    return MemberConfig(hidden_size=96, num_layers=2, num_heads=4, sft_examples=200, sft_steps=500, lr=3e-3)
+    return MemberConfig(hidden_size=96, num_layers=2, num_heads=4, sft_examples=200, sft_games=16, sft_steps=500,
+                        lr=3e-3)
 
 
 @dataclass
@@ -134,8 +139,11 @@ def parse_bootstrap(node: dict) -> BootstrapConfig:
 def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, boot: BootstrapConfig) -> str:
     """12 hex digits of sha256 over the bootstrap settings, the task's data knobs and the code version."""
     settings = {k: v for k, v in dataclasses.asdict(boot).items() if k not in HASH_EXCLUDED}
-    data = {k: getattr(task_cfg, k) for k in ("min_ops", "max_ops", "max_operand", "data_seed", "n_train",
-                                              "n_eval", "eval_splits", "dataset_path")}
+    keys = ("min_ops", "max_ops", "max_operand", "data_seed", "n_train", "n_eval", "eval_splits", "dataset_path")
+    if task_cfg.name != "math":  # the games' knobs (a math pair's key is unchanged by them)
+        keys += ("name", "n_train_games", "n_eval_games", "game_rooms", "game_receptacles", "game_distractors",
+                 "game_eval_splits", "max_turns", "max_action_tokens", "mix")
+    data = {k: getattr(task_cfg, k) for k in keys}
     if task_cfg.dataset_path and Path(task_cfg.dataset_path).expanduser().is_file():
         st = Path(task_cfg.dataset_path).expanduser().stat()
         data["dataset_stat"] = [st.st_size, int(st.st_mtime)]
@@ -164,26 +172,47 @@ def build_model(m: MemberConfig, vocab_size: int, special_ids: dict, seed: int) 
     cls = LlamaConfig if m.arch == "llama" else Qwen2Config
     config = cls(vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
                  num_attention_heads=m.num_heads, num_key_value_heads=m.num_heads,
-                 intermediate_size=m.intermediate_size or 4 * m.hidden_size, max_position_embeddings=256,
+                 intermediate_size=m.intermediate_size or 4 * m.hidden_size, max_position_embeddings=1024,
                  tie_word_embeddings=True, **special_ids)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config)
 
 
-def encode_sft(task: MathTask, tokenizer, examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (prompt + target) ids (N, L), labels (N, L) with -100 on prompt and padding, lengths (N,)."""
-    rows = []
+def sft_rows(task, tokenizer, examples: list) -> list[tuple[list[int], list[int]]]:
+    """(ids, labels) per example: the prompt then the target, labels -100 on the prompt. A multi-turn task's
+    target is the expert's turns (``target_turns``): actions are labels, observation turns -100."""
+    rows, texts = [], []
     for ex in examples:
-        p = task.prompt_ids(tokenizer, ex)
-        t = tokenizer(task.target_text(ex), add_special_tokens=False)["input_ids"]
-        rows.append((p + t, [-100] * len(p) + t))
+        texts.append(task.prompt_text(tokenizer, ex))
+        ids = task.prompt_ids(tokenizer, ex)
+        labels = [-100] * len(ids)
+        turns = task.target_turns(ex) if hasattr(task, "target_turns") else [(task.target_text(ex), None)]
+        for action, observation in turns:
+            texts += [action] + ([observation] if observation is not None else [])
+            a = tokenizer(action, add_special_tokens=False)["input_ids"]
+            ids, labels = ids + a, labels + a
+            if observation is not None:
+                o = turn_ids(tokenizer, observation)
+                ids, labels = ids + o, labels + [-100] * len(o)
+        rows.append((ids, labels))
+    warn_unknown(tokenizer, texts, f"the {task.name} task's SFT data")
+    return rows
+
+
+def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids (N, L), labels (N, L) with -100 on padding, lengths (N,)."""
     width = max(len(ids) for ids, _ in rows)
-    ids_NL = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    ids_NL = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels_NL = torch.full((len(rows), width), -100, dtype=torch.long)
     for i, (ids, labels) in enumerate(rows):
         ids_NL[i, :len(ids)] = torch.tensor(ids)
         labels_NL[i, :len(labels)] = torch.tensor(labels)
     return ids_NL, labels_NL, torch.tensor([len(ids) for ids, _ in rows])
+
+
+def encode_sft(task, tokenizer, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (prompt + target) ids (N, L), labels (N, L) with -100 on prompt and padding, lengths (N,)."""
+    return pad_rows(sft_rows(task, tokenizer, examples), tokenizer.pad_token_id)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -209,6 +238,24 @@ def greedy_accuracy(model, tokenizer, task: MathTask, examples: list[Example], b
             correct += task.grade(tokenizer.decode(row), ex)
     model.train(was_training)
     return correct / max(len(examples), 1)
+
+
+@torch.no_grad()
+def greedy_success(model, tokenizer, task, examples: list, task_cfg: TaskConfig, batch_size: int = 64) -> float:
+    """Fraction of ``examples`` (games) won by ``model`` playing greedily (opd_exp/rollout/multiturn.py)."""
+    was_training = model.training
+    model.eval()
+    won = 0
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start:start + batch_size]
+        _, episodes = play(HFGenerateBackend(), model, tokenizer, [task.prompt_ids(tokenizer, ex) for ex in chunk],
+                           [lambda ex=ex: task.episode(ex) for ex in chunk], SamplingConfig(),
+                           stop_ids=[tokenizer.eos_token_id], pad_id=tokenizer.pad_token_id,
+                           vocab_size=len(tokenizer), max_turns=task_cfg.max_turns,
+                           max_action_tokens=task_cfg.max_action_tokens, n_per_prompt=1, greedy=True)
+        won += sum(ep.won for ep in episodes)
+    model.train(was_training)
+    return won / max(len(examples), 1)
 
 
 def precision(boot: BootstrapConfig) -> str:
@@ -249,8 +296,10 @@ def lr_at(step: int, m: MemberConfig) -> float:
     return m.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, desc: str) -> dict:
-    """Train ``model`` on ``data`` = (ids (N, L), labels (N, L), lengths (N,)) for ``m.sft_steps`` steps.
+def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, desc: str,
+        weights_N: torch.Tensor | None = None) -> dict:
+    """Train ``model`` on ``data`` = (ids (N, L), labels (N, L), lengths (N,)) for ``m.sft_steps`` steps; rows
+    drawn uniformly, or with probability proportional to ``weights_N`` (a task mix).
 
     ``evaluate(model) -> float`` gives the progress bar's accuracy. Returns {"steps", "seconds", "loss"}.
     """
@@ -261,7 +310,8 @@ def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, de
     start, loss_ema, acc, step = time.time(), None, float("nan"), 0
     bar = tqdm(range(m.sft_steps), desc=desc, disable=not boot.progress, mininterval=2.0)
     for step in bar:
-        idx = torch.randint(0, ids_NL.shape[0], (m.batch_size,), generator=gen)
+        idx = (torch.randint(0, ids_NL.shape[0], (m.batch_size,), generator=gen) if weights_N is None else
+               torch.multinomial(weights_N, m.batch_size, replacement=True, generator=gen))
         width = int(lengths_N[idx].max())  # trim the shared right padding to this batch's longest row
         for group in opt.param_groups:
             group["lr"] = lr_at(step, m)
@@ -298,29 +348,59 @@ def member_tokenizer(tokenizer, convention: Convention):
     return tok
 
 
+def member_parts(task_cfg: TaskConfig, m: MemberConfig) -> list[tuple[str, object, list, int]]:
+    """(task name, task, the member's SFT examples, mix weight) per task the pair is trained on: the task
+    itself, or each task of a mix with positive weight. The data gaps: ``sft_examples`` math problems,
+    ``sft_games`` games (0 = all)."""
+    from opd_exp.tasks.agentic import AgenticTask
+
+    weights = {"math": {"math": 1}, "agentic": {"agentic": 1}}.get(task_cfg.name, task_cfg.mix)
+    parts = []
+    for name, weight in weights.items():
+        if weight <= 0:
+            continue
+        task = MathTask(task_cfg, convention=m.convention) if name == "math" else AgenticTask(task_cfg)
+        limit = m.sft_examples if name == "math" else m.sft_games
+        parts.append((name, task, task.train[:limit] if limit else task.train, weight))
+    return parts
+
+
 def train_member(role: str, m: MemberConfig, boot: BootstrapConfig, task_cfg: TaskConfig, tokenizer,
                  out: Path) -> dict:
-    """Build, SFT-train, grade and save one model (and the tokenizer) into ``out / role``."""
-    task = MathTask(task_cfg, convention=m.convention)
-    examples = task.train[:m.sft_examples] if m.sft_examples else task.train
+    """Build, SFT-train, grade and save one model (and the tokenizer) into ``out / role``. Accuracy keys are
+    the eval splits (``<task>/<split>`` for a mix); a game's accuracy is its greedy success rate."""
+    parts = member_parts(task_cfg, m)
     special = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id,
                "eos_token_id": resolve_token_ids(tokenizer, [m.convention.end])[0]}
     model = build_model(m, len(tokenizer), special, seed=boot.seed + (role == "student"))
-    probe = task.eval_splits.get("id") or next(iter(task.eval_splits.values()))
+    member_tok = member_tokenizer(tokenizer, m.convention)
 
-    def grade(mod, exs: list[Example]) -> float:
+    def grade(mod, task, exs: list) -> float:
+        if hasattr(task, "target_turns"):
+            return greedy_success(mod, member_tok, task, exs, task_cfg)
         return greedy_accuracy(mod, tokenizer, task, exs, max_new_tokens=boot.eval_max_new_tokens)
 
-    stats = sft(model, encode_sft(task, tokenizer, examples), m, boot, evaluate=lambda mod: grade(mod, probe[:64]),
-                desc=f"bootstrap {role} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)")
-    stats["n_examples"] = len(examples)
+    rows, weights = [], []
+    for _, task, examples, weight in parts:
+        part_rows = sft_rows(task, tokenizer, examples)
+        rows += part_rows
+        weights += [weight / len(part_rows)] * len(part_rows)
+    first = parts[0][1]
+    probe = (first.eval_splits.get("id") or next(iter(first.eval_splits.values())))[:64]
+    stats = sft(model, pad_rows(rows, tokenizer.pad_token_id), m, boot, evaluate=lambda mod: grade(mod, first, probe),
+                desc=f"bootstrap {role} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)",
+                weights_N=torch.tensor(weights, dtype=torch.float64) if len(parts) > 1 else None)
+    single = len(parts) == 1  # a one-task pair keeps bootstrap.json's plain numbers
+    stats["n_examples"] = len(parts[0][2]) if single else {name: len(exs) for name, _, exs, _ in parts}
     stats["params"] = sum(p.numel() for p in model.parameters())
-    stats["accuracy"] = {name: grade(model, split[:boot.eval_examples]) for name, split in task.eval_splits.items()}
-    stats["accuracy_train"] = grade(model, examples[:boot.eval_examples])
+    stats["accuracy"] = {(split if single else f"{name}/{split}"): grade(model, task, exs[:boot.eval_examples])
+                         for name, task, _, _ in parts for split, exs in task.eval_splits.items()}
+    train_acc = {name: grade(model, task, exs[:boot.eval_examples]) for name, task, exs, _ in parts}
+    stats["accuracy_train"] = next(iter(train_acc.values())) if single else train_acc
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = special["eos_token_id"]
     model.save_pretrained(out / role)
-    member_tokenizer(tokenizer, m.convention).save_pretrained(out / role)
+    member_tok.save_pretrained(out / role)
     stats["weights_sha256"] = file_sha256(out / role / "model.safetensors")
     return stats
 

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,12 @@ class ModelPair:
     student: Any
     tokenizer: Any
     teacher_tokenizer: Any
+    teachers: dict[str, Any] = field(default_factory=dict)  # task name -> its own teacher (model.teachers)
+
+    def for_task(self, name: str) -> ModelPair:
+        """The pair whose teacher scores task ``name``'s rows: its own (``model.teachers``), else the default
+        (arXiv 2603.25562's multi-task setting switches teachers per task)."""
+        return self if name not in self.teachers else replace(self, teacher=self.teachers[name])
 
     @property
     def vocab_size(self) -> int:
@@ -206,8 +212,13 @@ def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.
     teacher = load_checkpoint(teacher_dir, device, dtype, role="teacher", attn_implementation=attn)
     check_vocab(student, tokenizer, "student", student_dir)
     check_vocab(teacher, teacher_tokenizer, "teacher", teacher_dir)
-    teacher.eval()
-    teacher.requires_grad_(False)
+    teachers = {}
+    for task, path in (model_cfg.teachers or {}).items():  # a task's own teacher shares the student's ids
+        teachers[task] = load_checkpoint(path, device, dtype, role=f"teacher of task {task}", attn_implementation=attn)
+        check_vocab(teachers[task], tokenizer, f"teacher of task {task}", Path(path).expanduser())
+    for model in [teacher, *teachers.values()]:
+        model.eval()
+        model.requires_grad_(False)
     if model_cfg.lora_rank:
         add_lora(student, model_cfg)
     if model_cfg.gradient_checkpointing:  # non-reentrant: works with frozen embeddings (LoRA)
@@ -216,7 +227,8 @@ def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     student.train()
-    return ModelPair(teacher=teacher, student=student, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer)
+    return ModelPair(teacher=teacher, student=student, tokenizer=tokenizer, teacher_tokenizer=teacher_tokenizer,
+                     teachers=teachers)
 
 
 def add_lora(model, model_cfg: ModelConfig) -> None:

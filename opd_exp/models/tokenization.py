@@ -1,31 +1,40 @@
-"""The embedded default's tokenizer: a character-level vocabulary built in-repo with ``tokenizers``.
+"""The embedded pair's tokenizer: one vocabulary for the math task and the text games, built with ``tokenizers``.
 
-Every printable symbol of the math task is one token, and every special token (bos, eos, pad, the chat
-roles, the think delimiters) is one id, so token counts equal character counts and special-token masks are
-exact. The vocabulary also reserves an alternative convention (``<reason>``/``</reason>``, ``<|endoftext|>``)
-so that a later mismatched pair can share this vocabulary while disagreeing on conventions, as in the paper's
-Fig. 5 (the student writes one delimiter, the teacher expects another).
+Pre-tokenisation splits text into runs of lowercase letters (one id per game word: rooms, objects, verbs,
+the observation's words; :func:`opd_exp.tasks.games.vocabulary_words`) and single other characters (digits,
+operators, punctuation, space), so the math task is tokenised character by character exactly as before (its
+texts hold no lowercase letters: token counts equal character counts) and a game's text word by word.
+Every special token (bos, eos, pad, the chat roles, the think delimiters) is one id. The vocabulary also
+reserves an alternative convention (``<reason>``/``</reason>``, ``<|endoftext|>``) so that a mismatched pair
+can share it while disagreeing on conventions, as in the paper's Fig. 5. A word or character outside the
+vocabulary becomes ``<|unk|>``: :func:`unknown_pieces` names them and :func:`warn_unknown` warns once.
 
-Rendered conversation (the chat template, ``add_generation_prompt=True``):
+Rendered conversation (the chat template, ``add_generation_prompt=True``; a multi-turn task continues it with
+``<|user|>observation<|assistant|>action<|im_end|>`` turns):
 
     <|bos|><|user|>Q:5+9-3+8=?<|assistant|>          <- prompt_ids
     <think>5+9=14;14-3=11;11+8=19</think>A:19<|im_end|>  <- target (the student's response)
 
-The idea of a tiny character vocabulary wrapped as a HF fast tokenizer follows nanochat's test byte
-tokenizer and the HF "build a tokenizer from scratch" guide; the code is ours.
+The idea of a tiny vocabulary wrapped as a HF fast tokenizer follows nanochat's test byte tokenizer and the
+HF "build a tokenizer from scratch" guide; the code is ours.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
 from dataclasses import dataclass
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
+
+from opd_exp.tasks.games import vocabulary_words
 
 # ------------------------------------------------------------------------------------------------------------
 # vocabulary
 
-CHARS = list("0123456789+-=?;:QA ")  # every character the math task's texts use (space for user datasets)
+CHARS = list("0123456789+-=?;:QA .,")  # every character the math task's and the games' texts use
+PIECE = r"[a-z]+|[^a-z]"  # pre-tokenisation: a run of lowercase letters, or any other single character
 BOS, EOS, PAD, UNK = "<|bos|>", "<|im_end|>", "<|pad|>", "<|unk|>"
 USER, ASSISTANT = "<|user|>", "<|assistant|>"
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -68,15 +77,15 @@ CHAT_TEMPLATE = (
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """The character-level fast tokenizer (31 ids): special tokens first, then one id per character.
+    """The fast tokenizer: special tokens first, then one id per character, then one per game word.
 
     Left padding (generation batches prompts of different lengths); no automatic bos/eos (the chat
-    template writes them), so ``tokenizer(text)`` encodes exactly the characters of ``text``.
+    template writes them), so ``tokenizer(text)`` encodes exactly the pieces of ``text``.
     """
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS + vocabulary_words())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    # split into single characters; special tokens are matched before pre-tokenization
-    core.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    # special tokens are matched before pre-tokenization
+    core.pre_tokenizer = pre_tokenizers.Split(pattern=Regex(PIECE), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.add_special_tokens(SPECIALS)
     tok = PreTrainedTokenizerFast(
@@ -113,3 +122,21 @@ def resolve_token_ids(tokenizer, tokens: list[str | int]) -> list[int]:
         else:
             raise ValueError(f"token {tok!r} is neither a token string nor an id")
     return ids
+
+
+def unknown_pieces(tokenizer, text: str) -> list[str]:
+    """The pieces of ``text`` (words, characters; special tokens aside) that ``tokenizer`` maps to unk, sorted."""
+    vocab = tokenizer.get_vocab()
+    specials = "|".join(re.escape(t) for t in sorted(tokenizer.all_special_tokens, key=len, reverse=True))
+    plain = re.sub(specials, "", text) if specials else text
+    return sorted({p for p in re.findall(PIECE, plain) if p not in vocab})
+
+
+def warn_unknown(tokenizer, texts, where: str) -> list[str]:
+    """Warn once, naming them, when ``texts`` hold pieces outside the vocabulary (they silently become
+    ``<|unk|>``); returns the unknown pieces."""
+    unknown = sorted({p for text in texts for p in unknown_pieces(tokenizer, text)})
+    if unknown:
+        warnings.warn(f"{where}: {len(unknown)} pieces outside the embedded vocabulary become {UNK}: "
+                      f"{', '.join(map(repr, unknown[:20]))}{' ...' if len(unknown) > 20 else ''}", stacklevel=2)
+    return unknown

@@ -42,14 +42,30 @@ class Task(Protocol):
 
 def task_registry() -> dict[str, type]:
     """name -> Task class (imported here, so that importing the protocol stays cheap)."""
+    from opd_exp.tasks.agentic import AgenticTask
     from opd_exp.tasks.benchmark import BenchmarkTask
     from opd_exp.tasks.champ import ChampTask
     from opd_exp.tasks.math import MathTask
+    from opd_exp.tasks.mix import MixTask
 
-    return {"math": MathTask, "benchmark": BenchmarkTask, "champ": ChampTask}
+    return {"math": MathTask, "benchmark": BenchmarkTask, "champ": ChampTask, "agentic": AgenticTask,
+            "math_agentic": MixTask}
 
 
 _BUILT: dict[str, Task] = {}  # the last task built, by its config: the start-up check and the run share it
+
+
+def step_task(task: Task, step: int) -> tuple[Task, int]:
+    """The task whose prompts step ``step`` trains on and the index of that batch within it: a mix answers
+    its schedule (``for_step``), any other task is its own at every step."""
+    return task.for_step(step) if hasattr(task, "for_step") else (task, step)
+
+
+def episode_makers(task: Task, examples: list) -> list | None:
+    """Per example a callable making a fresh episode, or None when the task is single-turn."""
+    if not examples or task.episode(examples[0]) is None:
+        return None
+    return [lambda ex=ex: task.episode(ex) for ex in examples]
 
 
 def make_task(cfg: TaskConfig) -> Task:

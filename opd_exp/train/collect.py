@@ -23,6 +23,7 @@ from opd_exp.objectives import Batch, Needs, TeacherScores
 from opd_exp.objectives.kernels import selected_logprobs, token_stats
 from opd_exp.objectives.masks import entropy_top_q_mask, special_token_mask_BT
 from opd_exp.rollout import Rollout, RolloutBackend, stop_ids
+from opd_exp.rollout.multiturn import play
 
 
 @dataclass
@@ -103,16 +104,24 @@ def loss_mask(ro: Rollout, cfg: RunConfig, special_ids: list[int], entropy_BT: t
 
 
 def collect(pair, prompts: list[list[int]], cfg: RunConfig, needs: Needs, backend: RolloutBackend,
-            special_ids: list[int], diag_top_k: int = 0, chunk_rows: int = 64) -> tuple[Batch, StepProbe]:
+            special_ids: list[int], diag_top_k: int = 0, chunk_rows: int = 64,
+            episodes: list | None = None) -> tuple[Batch, StepProbe]:
     """Sample one rollout batch and score it: the Batch an update consumes, and the diagnostics' probe.
 
     ``diag_top_k`` > 0 also keeps both models' top-``diag_top_k`` (capped at the vocabulary) for the probe.
+    ``episodes`` (per prompt, a callable making a fresh episode) plays a multi-turn task
+    (opd_exp/rollout/multiturn.py): observations are scored in context and left out of the loss mask.
     """
     V, chunk = pair.vocab_size, cfg.estimator.chunk_size
     policy = pair.student if needs.rollout_policy == "student" else pair.teacher
     tok = pair.tokenizer
-    ro = backend.generate(policy, prompts, cfg.sampling, stop_ids=stop_ids(policy, tok), pad_id=tok.pad_token_id,
-                          vocab_size=V)
+    if episodes is None:
+        ro = backend.generate(policy, prompts, cfg.sampling, stop_ids=stop_ids(policy, tok),
+                              pad_id=tok.pad_token_id, vocab_size=V)
+    else:
+        ro, _ = play(backend, policy, tok, prompts, episodes, cfg.sampling, stop_ids=stop_ids(policy, tok),
+                     pad_id=tok.pad_token_id, vocab_size=V, max_turns=cfg.task.max_turns,
+                     max_action_tokens=cfg.task.max_action_tokens)
     diag_k = min(diag_top_k, V)
     old_logprobs_BT, entropy_BT, old_topk_BTK = score_student_old(
         pair.student, ro, V, cfg.sampling.temperature, max(needs.student_topk, diag_k), chunk_rows, chunk)

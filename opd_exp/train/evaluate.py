@@ -16,7 +16,9 @@ from collections.abc import Sequence
 import torch
 
 from opd_exp.config import EvalConfig, SamplingConfig
-from opd_exp.rollout import rollout, stop_ids
+from opd_exp.rollout import make_backend, rollout, stop_ids
+from opd_exp.rollout.multiturn import play
+from opd_exp.tasks.base import episode_makers
 
 Z95 = 1.959963984540054
 
@@ -63,18 +65,47 @@ def _graded(task, tokenizer, ro, examples) -> list[tuple[bool, bool]]:
     return [(ok, ok and not cut) for text, i, cut in rows for ok in [task.grade(text, examples[i])]]
 
 
+def _play_stats(task, tokenizer, ro, examples) -> list[dict | None]:
+    """Per row the play statistics (won, steps, invalid) of a multi-turn task's episode, else None."""
+    stats = getattr(task, "play_stats", None)
+    if stats is None:
+        return [None] * len(ro)
+    texts = tokenizer.batch_decode(ro.completion_ids_BT, skip_special_tokens=False)
+    return [stats(text, examples[i]) for text, i in zip(texts, ro.prompt_index_B.tolist(), strict=True)]
+
+
 def _generate_graded(model, tokenizer, task, examples, sampling, n, greedy, batch_size
-                     ) -> list[list[tuple[bool, bool]]]:
-    """(lenient, strict) of n completions per example, as a list per example."""
-    per_example: list[list[tuple[bool, bool]]] = [[] for _ in examples]
+                     ) -> list[list[tuple[bool, bool, dict | None]]]:
+    """(lenient, strict, play stats) of n completions per example, as a list per example; a multi-turn task's
+    examples are played as episodes (opd_exp/rollout/multiturn.py)."""
+    per_example: list[list[tuple[bool, bool, dict | None]]] = [[] for _ in examples]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         prompts = [task.prompt_ids(tokenizer, ex) for ex in chunk]
-        ro = rollout(model, prompts, sampling, eos_id=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
-                     vocab_size=len(tokenizer), n_per_prompt=n, greedy=greedy)
-        for i, graded in zip(ro.prompt_index_B.tolist(), _graded(task, tokenizer, ro, chunk), strict=True):
-            per_example[start + i].append(graded)
+        makers = episode_makers(task, chunk)
+        if makers is None:
+            ro = rollout(model, prompts, sampling, eos_id=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                         vocab_size=len(tokenizer), n_per_prompt=n, greedy=greedy)
+        else:
+            ro, _ = play(make_backend(sampling.backend), model, tokenizer, prompts, makers, sampling,
+                         stop_ids=stop_ids(model, tokenizer), pad_id=tokenizer.pad_token_id,
+                         vocab_size=len(tokenizer), max_turns=task.cfg.max_turns,
+                         max_action_tokens=task.cfg.max_action_tokens, n_per_prompt=n, greedy=greedy)
+        rows = zip(ro.prompt_index_B.tolist(), _graded(task, tokenizer, ro, chunk),
+                   _play_stats(task, tokenizer, ro, chunk), strict=True)
+        for i, (ok, strict_ok), stats in rows:
+            per_example[start + i].append((ok, strict_ok, stats))
     return per_example
+
+
+def _play_metrics(results: dict, split: str, stats: list[dict | None]) -> None:
+    """A multi-turn split's greedy play: mean steps of the won episodes, share of invalid actions."""
+    stats = [s for s in stats if s is not None]
+    if not stats:
+        return
+    won = [s["steps"] for s in stats if s["won"]]
+    results[f"{split}/steps_to_win"] = sum(won) / len(won) if won else math.nan
+    results[f"{split}/invalid_rate"] = sum(s["invalid"] for s in stats) / max(1.0, sum(s["steps"] for s in stats))
 
 
 def _put(results: dict, key: str, per_prompt: list[float], proportion: bool = False) -> None:
@@ -89,13 +120,19 @@ def _put(results: dict, key: str, per_prompt: list[float], proportion: bool = Fa
 
 @torch.no_grad()
 def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, list],
-                   sampled: bool = True) -> dict[str, float | list]:
+                   sampled: bool = True, split_models: dict | None = None) -> dict[str, float | list]:
     """``{"<split>/<metric>": value, "<split>/<metric>_ci": [lo, hi]}`` plus ``avg/<metric>`` over splits;
     ``sampled=False`` computes greedy@1 only (cheap enough for periodic evaluation). Samples per prompt are
     ``cfg.k``, or ``task.eval_k[split]`` where the task sets one (the paper's AIME avg@32, top-p 0.9, T = 1);
-    such a split reports avg@/pass@ at its own k and, from the same samples, at ``cfg.k`` when that is smaller."""
-    was_training = model.training
-    model.eval()
+    such a split reports avg@/pass@ at its own k and, from the same samples, at ``cfg.k`` when that is smaller.
+    A mix's splits are named ``<task>/<split>``: each task gets ``<task>/avg/<metric>`` and ``avg/`` is the mean
+    of the task averages (over the splits that report the metric). ``split_models``: split -> the model
+    evaluated on it instead of ``model`` (a task's own teacher)."""
+    split_models = split_models or {}
+    models = [model, *split_models.values()]
+    was_training = [m.training for m in models]
+    for m in models:
+        m.eval()
     results: dict[str, float | list] = {}
     split_k = {split: getattr(task, "eval_k", {}).get(split, cfg.k) for split in splits}
     for split, examples in splits.items():
@@ -103,13 +140,15 @@ def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, li
         sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, rollouts_per_prompt=k,
                                   max_new_tokens=cfg.max_new_tokens)
         examples = examples[: cfg.n_prompts] if cfg.n_prompts else examples
-        greedy = [c[0] for c in _generate_graded(model, tokenizer, task, examples, sampling, 1, True,
+        split_model = split_models.get(split, model)
+        greedy = [c[0] for c in _generate_graded(split_model, tokenizer, task, examples, sampling, 1, True,
                                                  cfg.batch_size)]
+        _play_metrics(results, split, [g[2] for g in greedy])
         for strict, suffix in ((0, ""), (1, "_strict")):
             _put(results, f"{split}/greedy@1{suffix}", [float(g[strict]) for g in greedy], proportion=True)
         if not sampled:
             continue
-        samples = _generate_graded(model, tokenizer, task, examples, sampling, k, False,
+        samples = _generate_graded(split_model, tokenizer, task, examples, sampling, k, False,
                                    max(1, cfg.batch_size // k))
         # a split sampled more than eval.k times also reports the eval.k metrics from the same n samples
         # (avg: the mean of all n; pass@k: the unbiased estimator from n >= k), so every split has them
@@ -118,12 +157,27 @@ def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, li
             for kk in sorted({k, cfg.k} if k >= cfg.k else {k}):
                 _put(results, f"{split}/avg@{kk}{suffix}", [sum(c) / len(c) for c in correct])
                 _put(results, f"{split}/pass@{kk}{suffix}", [pass_at_k(len(c), sum(c), kk) for c in correct])
-    # avg/<metric>: the mean over the splits that report it (all of them unless a task sets per-split k)
     ks = dict.fromkeys([cfg.k, *split_k.values()])
     metrics = ["greedy@1"] + ([m for k in ks for m in (f"avg@{k}", f"pass@{k}")] if sampled else [])
+    groups: dict[str, list[str]] = {}
+    for s in splits:
+        groups.setdefault(s.split("/")[0] if "/" in s else "", []).append(s)
+
+    def mean_over(names: list[str], key: str) -> float | None:
+        have = [results[f"{s}/{key}"] for s in names if f"{s}/{key}" in results]
+        return sum(have) / len(have) if have else None
+
     for metric in metrics:
         for suffix in ("", "_strict"):
-            have = [s for s in splits if f"{s}/{metric}{suffix}" in results]
-            results[f"avg/{metric}{suffix}"] = sum(results[f"{s}/{metric}{suffix}"] for s in have) / len(have)
-    model.train(was_training)
+            key = f"{metric}{suffix}"
+            if "" in groups:  # plain splits: the mean over them
+                results[f"avg/{key}"] = mean_over(list(splits), key)
+                continue
+            for group, names in groups.items():
+                value = mean_over(names, key)
+                if value is not None:
+                    results[f"{group}/avg/{key}"] = value
+            results[f"avg/{key}"] = mean_over(list(groups), f"avg/{key}")
+    for m, training in zip(models, was_training, strict=True):
+        m.train(training)
     return results

@@ -33,7 +33,7 @@ from opd_exp.models.audit import audit_tokenizers, check_pair_compatible, pair_p
 from opd_exp.models.pair import ModelPair, cache_root, load_pair, masked_token_ids, pair_paths
 from opd_exp.objectives import ESTIMATORS
 from opd_exp.rollout import make_backend
-from opd_exp.tasks.base import Task, make_task
+from opd_exp.tasks.base import Task, episode_makers, make_task, step_task
 from opd_exp.train import checkpoint, distributed, probe
 from opd_exp.train.diagnostics import save_raw_samples
 from opd_exp.train.evaluate import evaluate_model
@@ -161,11 +161,17 @@ def evaluate_pair_before(pair: ModelPair, task: Task, cfg: RunConfig) -> dict[st
         torch.manual_seed(cfg.task.data_seed)
         if cfg.eval.teacher:
             results |= {f"teacher/{k}": v for k, v in
-                        evaluate_model(pair.teacher, pair.tokenizer, task, cfg.eval, task.eval_splits).items()}
+                        evaluate_model(pair.teacher, pair.tokenizer, task, cfg.eval, task.eval_splits,
+                                       split_models=task_teachers(pair, task)).items()}
         results |= {f"student_before/{k}": v for k, v in
                     evaluate_model(pair.student, pair.tokenizer, task, cfg.eval, task.eval_splits).items()}
     rundir.atomic_write_json(cache, results)
     return results
+
+
+def task_teachers(pair: ModelPair, task: Task) -> dict:
+    """Eval split -> the teacher of its task, for a mix's splits (``<task>/<split>``) whose task has its own."""
+    return {s: pair.teachers[s.split("/")[0]] for s in task.eval_splits if s.split("/")[0] in pair.teachers}
 
 
 def check_pair_tokenizers(pair: ModelPair, task: Task) -> None:
@@ -235,8 +241,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                    disable=not distributed.is_main())
         for step in bar:
             t0 = time.time()
-            idx = distributed.shard(prompts_for_step(len(task.train), cfg.seed, step, cfg.train.prompts_per_step))
-            prompts = [task.prompt_ids(pair.tokenizer, task.train[i]) for i in idx]
+            sub, k = step_task(task, step)  # a mix's task of this step, and its batch count (else task, step)
+            idx = distributed.shard(prompts_for_step(len(sub.train), cfg.seed, k, cfg.train.prompts_per_step))
+            examples = [sub.train[i] for i in idx]
+            prompts = [sub.prompt_ids(pair.tokenizer, ex) for ex in examples]
             last = step == cfg.train.steps - 1
             if cfg.estimator.probe_every and step % cfg.estimator.probe_every == 0 and distributed.is_main():
                 with fork_rng(device):  # the probe's rollouts leave the run's own RNG (and trajectory) as it was
@@ -244,8 +252,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                     probe.append_rows(run_dir / "probe.jsonl", step,
                                       probe.probe_step(pair, prompts, cfg, backend, special_ids))
             diagnose = bool(cfg.train.diag_every) and (step % cfg.train.diag_every == 0 or last)
-            metrics, _, diag = train_step(pair, prompts, cfg, spec, backend, optimizer, scheduler, special_ids,
-                                          diagnose)
+            metrics, _, diag = train_step(pair.for_task(sub.name), prompts, cfg, spec, backend, optimizer,
+                                          scheduler, special_ids, diagnose, episodes=episode_makers(sub, examples))
             # data-parallel: train/ averaged over the ranks; diag/ describes rank 0's share of the batch
             metrics = distributed.all_reduce_mean(metrics, summed=("train/masked_tokens",), from_main=("diag/",))
             if diag is not None and (step == 0 or last) and distributed.is_main():  # rank 0's share of the batch

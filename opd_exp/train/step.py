@@ -19,13 +19,13 @@ from opd_exp.train.update import update
 
 
 def train_step(pair, prompts: list[list[int]], cfg: RunConfig, spec: EstimatorSpec, backend: RolloutBackend,
-               optimizer, scheduler, special_ids: list[int], diagnose: bool = False
+               optimizer, scheduler, special_ids: list[int], diagnose: bool = False, episodes: list | None = None
                ) -> tuple[dict[str, float], bool, DiagInputs | None]:
     """One rollout batch and its PPO mini-batch updates: (metrics, all updates finite, the diagnostics' inputs
-    when ``diagnose``)."""
+    when ``diagnose``). ``episodes``: a multi-turn task's episode makers (see :func:`collect`)."""
     needs = spec.needs(cfg.estimator)
     batch, probe = collect(pair, prompts, cfg, needs, backend, special_ids,
-                           diag_top_k=cfg.train.diag_top_k if diagnose else 0)
+                           diag_top_k=cfg.train.diag_top_k if diagnose else 0, episodes=episodes)
     result = update(pair.student, batch, spec, cfg, optimizer, pair.vocab_size,
                     probe_ids_BTK=probe.teacher_topk_ids_BTK if diagnose else None)
     scheduler.step()

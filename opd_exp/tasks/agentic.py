@@ -1,0 +1,123 @@
+"""The agentic task: household text games (opd_exp/tasks/games.py) played turn by turn (arXiv 2603.25562's
+ALFWorld setting, on TextWorld offline).
+
+    prompt    <|bos|><|user|>goal: eat egg. kitchen. shelf: egg. exits: east. carrying: nothing.<|assistant|>
+    response  take egg from shelf<|im_end|><|user|>kitchen. shelf: empty. ...<|assistant|>eat egg<|im_end|>
+                                   ^ observation tokens: seen, not trained
+
+Train games use ``task.game_rooms`` rooms; each eval split overrides the game knobs (``hard``: one more room,
+so longer walks). Splits are seeded by ``task.data_seed`` and disjoint by seed. Success = the game is won;
+:meth:`AgenticTask.grade` replays the actions a completion wrote in a fresh episode, so a decoded text is
+graded exactly as it was played; :meth:`AgenticTask.play_stats` adds the steps taken and the invalid actions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from opd_exp.config import TaskConfig
+from opd_exp.config.validation import ConfigError
+from opd_exp.models.tokenization import ASSISTANT, DEFAULT_CONVENTION, PAD, USER
+from opd_exp.tasks.env import TextWorldEpisode
+from opd_exp.tasks.games import GameKnobs, ensure_games
+
+GAME_KNOBS = ("rooms", "receptacles", "distractors")
+SPLIT_OFFSET = 50_000  # eval split j's seeds start at data_seed * 1e6 + (j + 1) * SPLIT_OFFSET
+
+
+@dataclass
+class GameExample:
+    """One game: its file, goal, first observation (the prompt), the expert's turns (action, observation)."""
+
+    file: str
+    goal: str
+    first_observation: str
+    walkthrough: list[str]
+    turns: list[list[str]]
+    split: str
+
+
+def game_knobs(cfg: TaskConfig, name: str, overrides: dict) -> GameKnobs:
+    """The train knobs (``task.game_*``) with one eval split's overrides applied."""
+    knobs = {"rooms": cfg.game_rooms, "receptacles": cfg.game_receptacles, "distractors": cfg.game_distractors}
+    for key, value in (overrides or {}).items():
+        if key not in GAME_KNOBS:
+            raise ConfigError(f"task.game_eval_splits.{name}.{key}", f"unknown key; valid keys: "
+                              f"{', '.join(GAME_KNOBS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key != "distractors" else 0):
+            raise ConfigError(f"task.game_eval_splits.{name}.{key}", f"got {value!r}, expected a positive integer")
+        knobs[key] = value
+    return GameKnobs(**knobs)
+
+
+def games_dir(cfg: TaskConfig) -> Path:
+    """``task.games_dir``, else the model cache (``OPD_EXP_CACHE``, else ~/.cache/opd_exp)."""
+    return Path(cfg.games_dir or os.environ.get("OPD_EXP_CACHE") or "~/.cache/opd_exp").expanduser()
+
+
+class AgenticTask:
+    """Train pool and eval splits of games, prompts, episodes and grading (see the module docstring)."""
+
+    name = "agentic"
+    convention = DEFAULT_CONVENTION
+
+    def __init__(self, cfg: TaskConfig):
+        self.cfg = cfg
+        base = cfg.data_seed * 1_000_000
+        self.eval_splits = {}
+        for j, split in enumerate(sorted(cfg.game_eval_splits or {"id": {}})):
+            seeds = list(range(base + (j + 1) * SPLIT_OFFSET, base + (j + 1) * SPLIT_OFFSET + cfg.n_eval_games))
+            self.eval_splits[split] = self._load(game_knobs(cfg, split, cfg.game_eval_splits.get(split)), seeds,
+                                                 split)
+        self.train = self._load(game_knobs(cfg, "train", {}), list(range(base, base + cfg.n_train_games)), "train")
+
+    def _load(self, knobs: GameKnobs, seeds: list[int], split: str) -> list[GameExample]:
+        entry, records = ensure_games(games_dir(self.cfg), knobs, seeds, workers=self.cfg.game_workers)
+        return [GameExample(file=str(entry / r["file"]), goal=r["goal"], first_observation=r["first_observation"],
+                            walkthrough=r["walkthrough"], turns=r["turns"], split=split) for r in records]
+
+    # --------------------------------------------------------------------------------------------------------
+    def prompt_text(self, tokenizer, example: GameExample) -> str:
+        messages = [{"role": "user", "content": example.first_observation}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def prompt_ids(self, tokenizer, example: GameExample) -> list[int]:
+        return tokenizer(self.prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"]
+
+    def episode(self, example: GameExample) -> TextWorldEpisode:
+        """A fresh episode of the example's game."""
+        return TextWorldEpisode(example.file, example.goal)
+
+    def target_turns(self, example: GameExample) -> list[tuple[str, str | None]]:
+        """The expert's (action + end token, next observation or None after the last action): the SFT data."""
+        turns = [(f"{action}{self.convention.end}", obs) for action, obs in example.turns]
+        return turns[:-1] + [(turns[-1][0], None)]
+
+    @staticmethod
+    def actions(completion_text: str, end: str = DEFAULT_CONVENTION.end) -> list[str]:
+        """The actions a decoded completion wrote: the text before each end token or observation turn."""
+        text = completion_text.replace(PAD, "")
+        pieces = text.split(USER)
+        out = [pieces[0]] + [p.split(ASSISTANT, 1)[1] for p in pieces[1:] if ASSISTANT in p]
+        return [re.sub(re.escape(end) + ".*", "", p, flags=re.S).strip() for p in out if p.strip()]
+
+    def replay(self, completion_text: str, example: GameExample) -> TextWorldEpisode:
+        """A fresh episode played through the completion's actions (stopping when the game is over)."""
+        ep = self.episode(example)
+        ep.reset()
+        for action in self.actions(completion_text, self.convention.end)[: self.cfg.max_turns]:
+            if ep.step(action)[1]:
+                break
+        return ep
+
+    def grade(self, completion_text: str, example: GameExample) -> bool:
+        """Whether the completion's actions win the game."""
+        return self.replay(completion_text, example).won
+
+    def play_stats(self, completion_text: str, example: GameExample) -> dict[str, float]:
+        """{"won", "steps", "invalid"} of the completion's replay."""
+        ep = self.replay(completion_text, example)
+        return {"won": float(ep.won), "steps": float(ep.steps), "invalid": float(ep.invalid)}
