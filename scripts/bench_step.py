@@ -104,6 +104,15 @@ def run_config(estimator: str, threads: int, overrides: tuple[str, ...] = ()):
     return load_run_config(node)
 
 
+def pair_note() -> str:
+    """The default pair's cache entry and vocabulary size, for the tables' provenance line."""
+    from opd_exp.models.bootstrap import entry_dir
+    from opd_exp.models.tokenization import build_tokenizer
+
+    cfg = run_config("topk_rkl", 0)
+    return f"the embedded tiny pair {entry_dir(cfg.model, cfg.task).name} (V = {len(build_tokenizer())})"
+
+
 def matmul_params(model) -> int:
     """Parameters of every Linear (output projection included, even when tied to the embedding)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
@@ -276,6 +285,8 @@ def bench_cell(pair_name: str, estimator: str, steps: int, warmup: int, threads:
 
 
 def write(rows: list[dict], out: Path, peak_gflops: float, argv: list[str], threads: int) -> None:
+    from opd_exp.rundir import git_commit
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "step.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -290,6 +301,7 @@ def write(rows: list[dict], out: Path, peak_gflops: float, argv: list[str], thre
         f"Command: `python {' '.join(argv)}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
         f"threads {threads or torch.get_num_threads()}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  ",
+        f"Code: commit {git_commit()}; default pair: {pair_note()}  ",
         f"Matmul peak measured in this run (float32, 1024^2): **{peak_gflops:.1f} GFLOP/s**",
         "",
         "Seconds: the median timed step (after warm-up) and its phases; phases are defined in "

@@ -42,7 +42,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from bench_step import PhaseClock, instrumented, run_config  # noqa: E402
+from bench_step import PhaseClock, instrumented, pair_note, run_config  # noqa: E402
 
 OPD_ESTIMATORS = ["full_rkl", "topk_rkl", "sampled_token"]
 
@@ -153,6 +153,8 @@ def write(rows: list[dict], out: Path, argv: list[str]) -> None:
     import transformers
     import trl
 
+    from opd_exp.rundir import git_commit
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "vs_trl.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -166,6 +168,7 @@ def write(rows: list[dict], out: Path, argv: list[str]) -> None:
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, transformers "
              f"{transformers.__version__}, trl {trl.__version__}, threads {torch.get_num_threads()}; "
              f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC  ",
+             f"Code: commit {git_commit()}; pair: {pair_note()}  ",
              "speedup = TRL's seconds / opd-exp's seconds for the same round (median, min, max over rounds); "
              "see the script's docstring for what is alike on both sides.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # the phase clock wraps optimizer.step after the scheduler exists (timing only)
+    warnings.filterwarnings("ignore", message="Seems like `optimizer.step\\(\\)` has been overridden")
     if args.threads:
         torch.set_num_threads(args.threads)
     from opd_exp.models.pair import load_pair
