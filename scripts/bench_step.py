@@ -47,6 +47,8 @@ from pathlib import Path
 
 import torch
 
+from opd_exp.train.probe import proc_status_kb
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_ESTIMATORS = ["sampled_token", "topk_rkl", "full_rkl", "seq_rkl", "jsd", "vopd"]
 PHASES = ["rollout", "pi_old", "teacher", "student_fwd", "loss", "backward", "optimizer", "other"]
@@ -67,17 +69,6 @@ def matmul_peak_gflops(n: int = 1024, seconds: float = 2.0) -> float:
             a @ b
         best = max(best, 5 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
     return best
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
 
 
 def reset_peak_rss() -> None:
@@ -245,13 +236,13 @@ def bench_cell(pair_name: str, estimator: str, steps: int, warmup: int, threads:
         with instrumented(clock, backend, optimizer):
             counter = TokenCounter(backend)
             reset_peak_rss()
-            rss_before = _status_kb("VmRSS")
+            rss_before = proc_status_kb("VmRSS")
             t0 = time.perf_counter()
             train_step(pair, prompts, cfg, timed_spec, backend, optimizer, scheduler, special_ids=[], diagnose=False)
             seconds = time.perf_counter() - t0
         if step < warmup:
             continue
-        peak = _status_kb("VmHWM")
+        peak = proc_status_kb("VmHWM")
         phases = {p: clock.seconds.get(p, 0.0) for p in ("rollout", "pi_old", "teacher", "student_fwd", "loss",
                                                           "optimizer")}
         update_s = clock.seconds["update"]

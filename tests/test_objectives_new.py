@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_estimators import F64, expected_over_tokens, make_batch, random_pair, run
+from test_objectives_iw_sg import IW, SG
 
 from opd_exp.config import EstimatorConfig
 from opd_exp.objectives import ESTIMATORS, LogitsHead
@@ -24,7 +25,7 @@ POWER = {
     "power_a05_g05": dict(name="power_opd", power_alpha=0.5, gamma=0.5),
     "power_a1_official": dict(name="power_opd", power_alpha=1.0, power_rescale=False),
 }
-NEW = VOPD | POWER
+NEW = VOPD | POWER | IW | SG  # IW-OPD and stop-gradient top-K: tests/test_objectives_iw_sg.py
 
 
 def per_token_advantages(cfg_kwargs, z_BTV, batch):
@@ -38,7 +39,9 @@ def test_student_equal_teacher_gives_zero_loss_and_gradient(variant):
     batch = make_batch(z_BTV, torch.log_softmax(z_BTV, -1))
     loss, grad = run(NEW[variant], z_BTV, batch)
     assert abs(float(loss)) < 1e-12 and grad.abs().max() < 1e-12
-    assert per_token_advantages(NEW[variant], z_BTV, batch).abs().max() < 1e-12  # r_t = 0 (and V_t = 0)
+    adv_BT = per_token_advantages(NEW[variant], z_BTV, batch)
+    assert (adv_BT is None) == (NEW[variant]["name"] == "topk_rkl")  # top-K objectives have no advantage
+    assert adv_BT is None or adv_BT.abs().max() < 1e-12  # r_t = 0 (and V_t = 0)
 
 
 @pytest.mark.parametrize("variant", sorted(VOPD))

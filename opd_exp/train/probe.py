@@ -121,7 +121,8 @@ def micro_batch_variance(grads_MP: torch.Tensor) -> float:
     return float((g - g.mean(0)).square().sum() / (g.shape[0] - 1))
 
 
-def _rss_kb(key: str) -> int | None:
+def proc_status_kb(key: str) -> int | None:
+    """A /proc/self/status field in kB (VmRSS, VmHWM), or None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -149,7 +150,7 @@ class PeakMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.base = (_rss_kb("VmRSS") or 0) * 1024
+            self.base = (proc_status_kb("VmRSS") or 0) * 1024
         except OSError:
             self.base = None
 
@@ -157,7 +158,7 @@ class PeakMemory:
         if self.cuda:
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        hwm = _rss_kb("VmHWM")
+        hwm = proc_status_kb("VmHWM")
         return None if self.base is None or hwm is None else max(hwm * 1024 - self.base, 0) / 2**20
 
 
