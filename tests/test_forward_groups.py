@@ -3,11 +3,11 @@ forward at every real position, any row order, any group split."""
 
 import pytest
 import torch
+from reference_forward import completion_logits
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd_exp.models.forward import length_groups, response_head, shared_prompt_head
 from opd_exp.rollout import Rollout
-from tests.reference_forward import completion_logits
 
 V = 40
 
