@@ -117,15 +117,21 @@ def test_seq_mean_token_mean_is_micro_batch_one_with_accumulation(variant):
     assert torch.allclose(loss, acc_loss, atol=1e-12) and torch.allclose(grad, acc_grad, atol=1e-12)
 
 
-@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum"])
-@pytest.mark.parametrize("variant", sorted(ALL_CONFIGS))
-def test_new_aggregations_with_inf_and_nan_outside_the_mask(variant, mode):
+def dirty_pair():
+    """(z, log q, z with -inf/NaN outside the mask, mask, clean batch, batch poisoned outside the mask)."""
     z_BTV, lq_BTV = random_pair(B=3, T=6)
     mask = _mask()
     clean, dirty = make_batch(z_BTV, lq_BTV, mask_BT=mask), make_batch(z_BTV, lq_BTV, mask_BT=mask)
     _poison(dirty, mask)
     z_dirty = z_BTV.clone()
     z_dirty[0, 4:], z_dirty[1, 0] = -INF, NAN
+    return z_BTV, lq_BTV, z_dirty, mask, clean, dirty
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-mean", "seq-mean-token-sum"])
+@pytest.mark.parametrize("variant", sorted(ALL_CONFIGS))
+def test_new_aggregations_with_inf_and_nan_outside_the_mask(variant, mode):
+    z_BTV, lq_BTV, z_dirty, mask, clean, dirty = dirty_pair()
     cfg = ALL_CONFIGS[variant] | {"loss_agg": mode}
     loss, grad = run(cfg, z_dirty, dirty)
     assert torch.isfinite(loss) and torch.isfinite(grad).all() and grad[~mask].abs().max() == 0
@@ -311,12 +317,7 @@ def test_unnormalized_gkl_with_k_equal_v_is_the_full_reverse_kl(support):
 
 
 def test_unnormalized_gkl_masked_positions_and_inf_nan():
-    z_BTV, lq_BTV = random_pair(B=3, T=6)
-    mask = _mask()
-    clean, dirty = make_batch(z_BTV, lq_BTV, mask_BT=mask), make_batch(z_BTV, lq_BTV, mask_BT=mask)
-    _poison(dirty, mask)
-    z_dirty = z_BTV.clone()
-    z_dirty[0, 4:], z_dirty[1, 0] = -INF, NAN
+    z_BTV, lq_BTV, z_dirty, mask, clean, dirty = dirty_pair()
     loss, grad = run(GKL, z_dirty, dirty)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
     assert grad[~mask].abs().max() == 0 and grad[mask].abs().max() > 0
