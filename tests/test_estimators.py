@@ -387,12 +387,18 @@ def test_jsd_mixture_tends_to_the_endpoints():
 # --- masks and dtypes, every estimator --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant", sorted(ALL_CONFIGS))
-def test_masked_positions_get_exactly_zero_gradient(variant):
+def masked_pair():
+    """A (3, 6) student/teacher pair and its batch with masked-out positions at the end, the start and the
+    middle of a row: (z, log q, mask, batch)."""
     z_BTV, lq_BTV = random_pair(B=3, T=6)
     mask = torch.ones(3, 6, dtype=torch.bool)
     mask[0, 4:], mask[1, 0], mask[2, 2] = False, False, False
-    batch = make_batch(z_BTV, lq_BTV, mask_BT=mask)
+    return z_BTV, lq_BTV, mask, make_batch(z_BTV, lq_BTV, mask_BT=mask)
+
+
+@pytest.mark.parametrize("variant", sorted(ALL_CONFIGS))
+def test_masked_positions_get_exactly_zero_gradient(variant):
+    z_BTV, lq_BTV, mask, batch = masked_pair()
     # garbage teacher/old values at masked-out positions (large but finite) must not leak
     t = batch.teacher
     t.sampled_logprobs_BT[~mask] = -1e4

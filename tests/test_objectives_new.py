@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_estimators import F64, expected_over_tokens, make_batch, random_pair, run
+from test_estimators import F64, expected_over_tokens, make_batch, masked_pair, random_pair, run
 from test_objectives_iw_sg import IW, SG
 
 from opd_exp.config import EstimatorConfig
@@ -118,10 +118,7 @@ def test_power_reward_is_box_cox_difference_bounded_and_sign_consistent():
 
 @pytest.mark.parametrize("variant", sorted(NEW))
 def test_masked_positions_get_exactly_zero_gradient(variant):
-    z_BTV, lq_BTV = random_pair(B=3, T=6)
-    mask = torch.ones(3, 6, dtype=torch.bool)
-    mask[0, 4:], mask[1, 0], mask[2, 2] = False, False, False
-    batch = make_batch(z_BTV, lq_BTV, mask_BT=mask)
+    z_BTV, lq_BTV, mask, batch = masked_pair()
     t = batch.teacher
     t.sampled_logprobs_BT[~mask] = float("nan")
     batch.old_logprobs_BT[~mask] = float("inf")
