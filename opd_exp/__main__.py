@@ -53,7 +53,7 @@ from opd_exp import rundir
 from opd_exp.config import RunConfig, load_run_config
 from opd_exp.config.validation import ConfigError, check_paths
 from opd_exp.launchers import isolate_cells
-from opd_exp.processes import EXIT_INTERRUPTED, forward_sigterm, run_forked
+from opd_exp.processes import EXIT_INTERRUPTED, forward_sigterm, run_forked, wait_for_other_cells
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -239,9 +239,13 @@ def _execute_locked(cfg: RunConfig, cfg_node: DictConfig, run_dir: Path, summary
 
 def end_interrupted(code: int) -> None:
     """Exit with an interruption's status (130, 143): a sweep stops there, as the whole job is pre-empted."""
-    if os.environ.get(LAUNCHER_PID, str(os.getpid())) != str(os.getpid()):
+    launcher = os.environ.get(LAUNCHER_PID, str(os.getpid()))
+    if launcher != str(os.getpid()):
         # a sweep cell's process (forked child, joblib/loky worker): a worker would catch SystemExit and idle on;
-        # end it so the launching process (opd_exp.processes.forward_sigterm) sees its cells are done
+        # end it so the launching process (opd_exp.processes.forward_sigterm) sees its cells are done, once no
+        # other cell is still checkpointing (a worker's exit makes loky SIGKILL the other workers' trees)
+        if os.getppid() == int(launcher):
+            wait_for_other_cells(int(launcher))
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -25,8 +25,9 @@ from typing import Any
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, as a shell reports a TERM'd job
 
 
-def descendant_pids(pid: int) -> list[int]:
-    """Every live process below ``pid`` (children first), read from /proc; [] where there is no /proc."""
+def descendant_pids(pid: int, min_depth: int = 1) -> list[int]:
+    """Every live process at least ``min_depth`` levels below ``pid`` (children first), read from /proc; [] where
+    there is no /proc."""
     parent_of: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -35,10 +36,11 @@ def descendant_pids(pid: int) -> list[int]:
             continue  # exited while we read
         if fields[0] != "Z":
             parent_of[int(stat.parent.name)] = int(fields[1])
-    found, frontier = [], [pid]
+    found, frontier, depth = [], [pid], 0
     while frontier:
         children = [c for c, parent in parent_of.items() if parent in frontier]
-        found += children
+        depth += 1
+        found += children if depth >= min_depth else []
         frontier = children
     return found
 
@@ -71,6 +73,17 @@ def forward_sigterm(signum, frame) -> None:
     print(f"[opd-exp] SIGTERM: passed on to {len(workers)} worker process(es); rerun the same command to resume",
           file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)
+
+
+def wait_for_other_cells(launcher_pid: int, timeout: float = 60.0) -> None:
+    """In a parallel launcher's worker whose cell was interrupted, before the worker exits: wait until no other
+    cell process is left below the launcher (launcher -> worker -> cell: two levels down), or ``timeout``.
+    loky answers a worker's exit by SIGKILLing every other worker's process tree (a broken pool,
+    ``kill_process_tree`` in joblib/externals/loky), which would kill cells still writing their checkpoint."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and [pid for pid in descendant_pids(launcher_pid, min_depth=2)
+                                      if not ignores_sigterm(pid)]:
+        time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------------- one cell in a forked child

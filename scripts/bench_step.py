@@ -5,6 +5,7 @@ Usage:
     python scripts/bench_step.py                          # default + large pair, the main estimators, 5 steps each
     python scripts/bench_step.py --pairs default --estimators topk_rkl,sampled_token --steps 3 --out /tmp/bench
     python scripts/bench_step.py --threads 1              # one torch thread (a sweep's cell under local_parallel)
+    python scripts/bench_step.py --backends hf,decode     # the rollout backends side by side
 
 Pairs:
     default  the embedded tiny pair of ``opd-exp`` (bootstrapped into OPD_EXP_CACHE on first use): trained
@@ -208,14 +209,14 @@ def step_flops(n_student: int, n_teacher: int, prompt_tokens: int, response_toke
 
 
 def bench_cell(pair_name: str, estimator: str, steps: int, warmup: int, threads: int, peak_gflops: float,
-               pairs_cache: dict) -> dict:
+               pairs_cache: dict, backend_name: str | None = None) -> dict:
     from opd_exp.objectives import ESTIMATORS, EstimatorSpec
     from opd_exp.rollout import make_backend
     from opd_exp.tasks.base import make_task
     from opd_exp.train.loop import make_scheduler, prompts_for_step, seed_everything
     from opd_exp.train.step import train_step
 
-    cfg = run_config(estimator, threads)
+    cfg = run_config(estimator, threads, (f"sampling.backend={backend_name}",) if backend_name else ())
     if pair_name not in pairs_cache:
         pairs_cache[pair_name] = (default_pair if pair_name == "default" else large_pair)(cfg)
     pair = pairs_cache[pair_name]
@@ -259,7 +260,7 @@ def bench_cell(pair_name: str, estimator: str, steps: int, warmup: int, threads:
     resp_toks = statistics.mean(r["response"] for r in rows)
     flops = step_flops(n_s, n_t, prompt_toks, resp_toks, cfg.train.ppo_epochs,
                        needs_teacher_forward=needs.rollout_policy == "student")
-    out = {"pair": pair_name, "estimator": estimator, "step_s": med,
+    out = {"pair": pair_name, "estimator": estimator, "backend": cfg.sampling.backend, "step_s": med,
            "min_step_s": min(r["seconds"] for r in rows), "steps": len(rows)}
     for p in PHASES:  # the median step's phases (they add up to its time)
         out[f"{p}_s"] = median_row["phases"][p]
@@ -283,7 +284,7 @@ def write(rows: list[dict], out: Path, peak_gflops: float, argv: list[str], thre
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    cols = ["pair", "estimator", "step_s"] + [f"{p}_s" for p in PHASES] + [
+    cols = ["pair", "estimator", "backend", "step_s"] + [f"{p}_s" for p in PHASES] + [
         "response_tokens", "tokens_per_s", "gflop_per_step", "mfu_pct", "peak_rss_mb"]
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [
@@ -313,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per cell")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--backends", default="", help="rollout backends to compare, e.g. hf,decode (default: the "
+                    "config's sampling.backend): one cell per estimator and backend, in the order given")
     ap.add_argument("--out", type=Path, default=REPO / "results" / "bench")
     args = ap.parse_args(argv)
     if args.threads:
@@ -322,10 +325,11 @@ def main(argv: list[str] | None = None) -> None:
     rows, cache = [], {}
     for pair_name in args.pairs.split(","):
         for est in args.estimators.split(","):
-            t0 = time.time()
-            rows.append(bench_cell(pair_name, est, args.steps, args.warmup, args.threads, peak, cache))
-            print(f"[bench_step] {pair_name} {est}: {rows[-1]['step_s']:.3f} s/step "
-                  f"({time.time() - t0:.0f} s)", file=sys.stderr)
+            for backend in args.backends.split(",") if args.backends else [None]:
+                t0 = time.time()
+                rows.append(bench_cell(pair_name, est, args.steps, args.warmup, args.threads, peak, cache, backend))
+                print(f"[bench_step] {pair_name} {est} {rows[-1]['backend']}: {rows[-1]['step_s']:.3f} s/step "
+                      f"({time.time() - t0:.0f} s)", file=sys.stderr)
             write(rows, args.out, peak, ["scripts/bench_step.py"] + (argv or sys.argv[1:]), args.threads)
 
 

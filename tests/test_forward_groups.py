@@ -65,9 +65,10 @@ def test_length_groups_partition_and_cost():
     assert len(length_groups(prompt, [5] * 6, call_cost=0)) == 1  # equal lengths: nothing to trim
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
-def test_shared_prompt_head_equals_one_padded_forward(model, arch):
-    """Each distinct prompt runs once and its cache serves its rollouts (rows interleaved, not grouped)."""
+@pytest.mark.parametrize(("arch", "call_cost"), [("llama", 0), ("llama", 10**9), ("gpt_neox", 4)])
+def test_shared_prompt_head_equals_one_padded_forward(model, arch, call_cost):
+    """Each distinct prompt runs once and its cache serves its rollouts (rows interleaved, not grouped), in
+    response-length groups (many, one, some)."""
     if arch == "gpt_neox":
         from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -80,7 +81,7 @@ def test_shared_prompt_head_equals_one_padded_forward(model, arch):
     ro = ragged_rollout([4, 9, 2, 4, 9, 2, 2], [20, 2, 11, 7, 1, 16, 3])
     ro.prompt_ids_BP, ro.prompt_mask_BP = base.prompt_ids_BP[prompt_index], base.prompt_mask_BP[prompt_index]
     head = shared_prompt_head(model, ro.prompt_ids_BP, ro.prompt_mask_BP, ro.completion_ids_BT,
-                              ro.completion_mask_BT, prompt_index, V)
+                              ro.completion_mask_BT, prompt_index, V, call_cost=call_cost)
     m = ro.completion_mask_BT
     reference = completion_logits(model, ro)
     assert head.hidden_BTH.shape[:2] == m.shape

@@ -48,7 +48,8 @@ def sample(model, sampling, seed, **kw) -> Rollout:
 def test_samples_identical_to_plain_generate(llama, temperature, top_p, monkeypatch):
     """Same seed -> the very tokens of ``generate(do_sample, temperature, top_p, top_k=0)``; the recorded log-probs
     are log_softmax of the processed scores that generate's output_scores returns (to 1e-6), without storing them."""
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, rollouts_per_prompt=3, max_new_tokens=12)
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, rollouts_per_prompt=3, max_new_tokens=12,
+                              backend="hf")
     calls = []
     real_generate = llama.generate
 
@@ -158,7 +159,7 @@ def test_recorder_gathers_each_token_once_and_drops_undone_steps():
 
 def test_registry_and_rollout_rows():
     assert BACKENDS["hf"] is HFGenerateBackend and isinstance(make_backend("hf"), HFGenerateBackend)
-    with pytest.raises(ConfigError, match="sampling.backend.*'nosuch'.*allowed values: hf, vllm"):
+    with pytest.raises(ConfigError, match="sampling.backend.*'nosuch'.*allowed values: decode, hf, vllm"):
         make_backend("nosuch")
     mask = torch.tensor([[True, False], [True, True]])
     ro = Rollout(prompt_ids_BP=torch.zeros(2, 1), prompt_mask_BP=torch.ones(2, 1, dtype=torch.bool),

@@ -70,7 +70,8 @@ def test_first_mini_batch_ratio_is_one(pair, prompts):
     """One mini-batch of the whole batch: pi_theta == pi_old exactly before the update, so every PPO ratio is 1."""
     cfg = run_cfg("sampled_token")
     torch.manual_seed(1)
-    batch, _ = collect(pair, prompts, cfg, ESTIMATORS["sampled_token"].needs(cfg.estimator), make_backend("hf"), [])
+    batch, _ = collect(pair, prompts, cfg, ESTIMATORS["sampled_token"].needs(cfg.estimator),
+                       make_backend(cfg.sampling.backend), [])
     opt = torch.optim.AdamW(pair.student.parameters(), lr=0.0)
     res = update(pair.student, batch, ESTIMATORS["sampled_token"], cfg, opt, pair.vocab_size)
     assert res.n_updates == 1
@@ -84,22 +85,23 @@ def test_teacher_is_frozen_through_a_step(pair, prompts):
     opt = torch.optim.AdamW(pair.student.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     student_before = [p.clone() for p in pair.student.parameters()]
-    train_step(pair, prompts, cfg, ESTIMATORS["full_rkl"], make_backend("hf"), opt, sched, [])
+    train_step(pair, prompts, cfg, ESTIMATORS["full_rkl"], make_backend(cfg.sampling.backend), opt, sched, [])
     assert all(torch.equal(before[k], v) for k, v in pair.teacher.state_dict().items())
     assert all(p.grad is None for p in pair.teacher.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(student_before, pair.student.parameters(), strict=True))
 
 
-def test_pi_old_and_sampler_are_at_the_sampling_temperature(pair, prompts):
+@pytest.mark.parametrize("backend", ["decode", "hf"])
+def test_pi_old_and_sampler_are_at_the_sampling_temperature(pair, prompts, backend):
     """With top-p 1 the sampler's recorded log-probs and pi_old are the same distribution (softmax(z / 0.7) over
     the tokenizer's ids): equal up to the KV-cache vs full-forward rounding. At temperature 1 they would differ."""
     cfg = run_cfg("sampled_token", sampling={"temperature": 0.7, "top_p": 1.0})
     torch.manual_seed(2)
-    batch, _ = collect(pair, prompts, cfg, ESTIMATORS["sampled_token"].needs(cfg.estimator), make_backend("hf"), [])
+    batch, _ = collect(pair, prompts, cfg, ESTIMATORS["sampled_token"].needs(cfg.estimator), make_backend(backend), [])
     m = batch.loss_mask_BT
     assert torch.allclose(batch.sampler_logprobs_BT[m], batch.old_logprobs_BT[m], atol=1e-4)
     cfg_p = run_cfg("sampled_token", sampling={"temperature": 0.7, "top_p": 0.5})
-    batch_p, _ = collect(pair, prompts, cfg_p, ESTIMATORS["sampled_token"].needs(cfg.estimator), make_backend("hf"),
+    batch_p, _ = collect(pair, prompts, cfg_p, ESTIMATORS["sampled_token"].needs(cfg.estimator), make_backend(backend),
                          [])
     m = batch_p.loss_mask_BT  # top-p renormalises: the sampler's log-prob is >= pi_old's, strictly somewhere
     assert (batch_p.sampler_logprobs_BT[m] >= batch_p.old_logprobs_BT[m] - 1e-4).all()
@@ -120,7 +122,8 @@ def test_padded_teacher_works_with_every_objective(pair, prompts, name):
     opt = torch.optim.AdamW(pair.student.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     torch.manual_seed(3)
-    metrics, finite, diag = train_step(pair, prompts, cfg, spec, make_backend("hf"), opt, sched, [], diagnose=True)
+    metrics, finite, diag = train_step(pair, prompts, cfg, spec, make_backend(cfg.sampling.backend), opt, sched, [],
+                                       diagnose=True)
     assert finite and all(v == v for k, v in metrics.items() if k.startswith("train/") and "nonfinite" not in k)
     assert int(diag.tokens_BT.max()) < V
     assert int(diag.teacher_topk_ids_BTK.max()) < V and int(diag.student_topk_ids_BTK.max()) < V
@@ -138,8 +141,8 @@ def test_special_token_mask_removes_tokens_from_the_loss(pair, prompts):
     special = resolve_token_ids(TOK, ["<think>", "</think>", "<|im_end|>"])
     cfg = run_cfg("sampled_token", mask={"enabled": True, "mode": "all"})
     torch.manual_seed(4)
-    batch, _ = collect(pair, prompts, cfg, ESTIMATORS["sampled_token"].needs(cfg.estimator), make_backend("hf"),
-                       special)
+    batch, _ = collect(pair, prompts, cfg, ESTIMATORS["sampled_token"].needs(cfg.estimator),
+                       make_backend(cfg.sampling.backend), special)
     is_special = torch.isin(batch.ids_BT, torch.tensor(special)) & batch.attention_mask_BT
     assert is_special.any(), "the random student wrote no special token: pick another seed"
     assert not (batch.loss_mask_BT & is_special).any()

@@ -162,8 +162,9 @@ class SamplingConfig:
     top_p: float = spec(0.9, "nucleus mass kept (1 = full distribution)", gt=0.0, le=1.0)
     rollouts_per_prompt: int = spec(4, "rollouts sampled per prompt", ge=1)
     max_new_tokens: int = spec(64, "response length cap; longer rollouts are truncated", ge=1)
-    backend: str = spec("hf", "rollout backend (opd_exp.rollout): hf = transformers generate, vllm = a colocated "
-                        "vLLM engine (extra [vllm], CUDA)", choices=["hf", "vllm"])
+    backend: str = spec("decode", "rollout backend (opd_exp.rollout): decode = opd-exp's KV-cache loop (shared prompt "
+                        "prefill, finished rows dropped), hf = transformers generate, vllm = a colocated vLLM engine "
+                        "(extra [vllm], CUDA)", choices=["decode", "hf", "vllm"])
 
 
 @dataclass

@@ -9,6 +9,7 @@ log-probs computed here match the ones recorded while sampling.
 
 from __future__ import annotations
 
+import copy
 import inspect
 
 import torch
@@ -104,7 +105,7 @@ def response_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tens
                       temperature=temperature)
 
 
-def _cache_kwarg(module) -> str:
+def cache_kwarg(module) -> str:
     """The name under which ``module.forward`` takes a KV cache (transformers renamed ``past_key_values``)."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
@@ -112,14 +113,15 @@ def _cache_kwarg(module) -> str:
 @torch.no_grad()
 def shared_prompt_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, ids_BT: torch.Tensor,
                        attention_mask_BT: torch.Tensor, prompt_index_B: torch.Tensor, vocab_size: int,
-                       temperature: float = 1.0) -> LogitsHead:
+                       temperature: float = 1.0, call_cost: int = 256) -> LogitsHead:
     """:func:`response_head` without gradient, each distinct prompt's forward run once.
 
     Rows with the same ``prompt_index_B`` share their prompt (B = prompts x rollouts): the U distinct prompts run
-    once, trimmed to the longest (U, p); their KV cache is gathered to the B rows (``Cache.reorder_cache``) and
-    the responses run against it, trimmed to the longest response (B, t - 1: the last token predicts nothing).
-    Response position 0 is predicted by the prompt's last hidden state. Same values as one padded forward of
-    every row, up to float rounding; the prompt's FLOPs drop by B / U.
+    once, trimmed to the longest (U, p); their KV cache is gathered to the rows (``Cache.reorder_cache``) and the
+    responses run against it in :func:`length_groups` (cost: response tokens only, the prompt being cached), each
+    group trimmed to its longest response (n_g, t_g - 1: the last token predicts nothing). Response position 0 is
+    predicted by the prompt's last hidden state. Same values as one padded forward of every row, up to float
+    rounding; the prompt's FLOPs drop by B / U and the responses' padding is not computed.
     """
     P, T = prompt_ids_BP.shape[1], ids_BT.shape[1]
     device = next(model.parameters()).device
@@ -130,28 +132,42 @@ def shared_prompt_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch
     slot = {i: u for u, i in enumerate(first_row)}
     slot_B = torch.tensor([slot[i] for i in index_B], device=device)
     p = int(torch.where(prompt_mask_BP.any(-1), P - prompt_mask_BP.int().argmax(-1), 0).max().clamp(min=1))
-    t = int(torch.where(attention_mask_BT.any(-1), T - attention_mask_BT.flip(-1).int().argmax(-1), 0).max())
-    t = max(t, 1)
-    base, kw = model.base_model, _cache_kwarg(model.base_model)
+    response_len_B = torch.where(attention_mask_BT.any(-1), T - attention_mask_BT.flip(-1).int().argmax(-1),
+                                 0).tolist()
+    base, kw = model.base_model, cache_kwarg(model.base_model)
     rows_U = torch.tensor(list(first_row.values()))
     shared_B = rows_U[slot_B.cpu()]
     if not (torch.equal(prompt_ids_BP[shared_B], prompt_ids_BP)
             and torch.equal(prompt_mask_BP[shared_B], prompt_mask_BP)):
         raise ValueError("shared_prompt_head: rows with the same prompt_index_B have different prompts")
     prompt_mask_Up = prompt_mask_BP[rows_U, P - p:].long().to(device)
-    cache = DynamicCache(config=model.config)
+    prompt_cache = DynamicCache(config=model.config)
     prompt_hidden_UpH = base(input_ids=prompt_ids_BP[rows_U, P - p:].to(device), attention_mask=prompt_mask_Up,
                              position_ids=(prompt_mask_Up.cumsum(-1) - 1).clamp(min=0), use_cache=True,
-                             **{kw: cache}).last_hidden_state
-    hidden_BtH = prompt_hidden_UpH[slot_B, -1:]
-    if t > 1:
-        cache.reorder_cache(slot_B)
-        mask_BL = torch.cat([prompt_mask_BP[:, P - p:], attention_mask_BT[:, :t - 1]], dim=1).long().to(device)
-        position_ids = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, p:]
-        response_hidden = base(input_ids=ids_BT[:, :t - 1].to(device), attention_mask=mask_BL,
-                               position_ids=position_ids, use_cache=True, **{kw: cache}).last_hidden_state
-        hidden_BtH = torch.cat([hidden_BtH, response_hidden], dim=1)
+                             **{kw: prompt_cache}).last_hidden_state
+    groups = length_groups([0] * len(index_B), response_len_B, call_cost)
+    parts = []
+    for rows in groups:
+        index = torch.tensor(rows)
+        t = max(max(response_len_B[i] for i in rows), 1)
+        hidden = prompt_hidden_UpH[slot_B[index.to(device)], -1:]
+        if t > 1:
+            cache = copy.deepcopy(prompt_cache) if len(groups) > 1 else prompt_cache
+            cache.reorder_cache(slot_B[index.to(device)])
+            mask_BL = torch.cat([prompt_mask_BP[index, P - p:], attention_mask_BT[index, :t - 1]], dim=1).long()
+            mask_BL = mask_BL.to(device)
+            position_ids = (mask_BL.cumsum(-1) - 1).clamp(min=0)[:, p:]
+            response_hidden = base(input_ids=ids_BT[index, :t - 1].to(device), attention_mask=mask_BL,
+                                   position_ids=position_ids, use_cache=True, **{kw: cache}).last_hidden_state
+            hidden = torch.cat([hidden, response_hidden], dim=1)
+        parts.append(torch.nn.functional.pad(hidden, (0, 0, 0, T - t)))
+    hidden_BTH = torch.cat(parts) if len(parts) > 1 else parts[0]
+    order = [i for rows in groups for i in rows]
+    if order != list(range(len(order))):
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        hidden_BTH = hidden_BTH[inverse.to(hidden_BTH.device)]
     lm_head = model.get_output_embeddings()
     bias = lm_head.bias[:vocab_size] if getattr(lm_head, "bias", None) is not None else None
-    return LogitsHead(hidden_BTH=torch.nn.functional.pad(hidden_BtH, (0, 0, 0, T - t)),
-                      weight_VH=lm_head.weight[:vocab_size], bias_V=bias, temperature=temperature)
+    return LogitsHead(hidden_BTH=hidden_BTH, weight_VH=lm_head.weight[:vocab_size], bias_V=bias,
+                      temperature=temperature)

@@ -1,6 +1,7 @@
 """The rollout backends by name (config ``sampling.backend``), and :func:`rollout`, one call to sample.
 
-    backend = make_backend(cfg.sampling.backend)      # "hf": transformers generate (opd_exp/rollout/hf.py),
+    backend = make_backend(cfg.sampling.backend)      # "decode": our KV-cache loop (opd_exp/rollout/decode.py),
+                                                      # "hf": transformers generate (opd_exp/rollout/hf.py),
                                                       # "vllm": a colocated vLLM engine (opd_exp/rollout/vllm.py)
     ro = backend.generate(model, prompts, cfg.sampling, stop_ids=..., pad_id=..., vocab_size=...)
 """
@@ -12,10 +13,12 @@ import importlib
 from opd_exp.config import SamplingConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.rollout.base import Rollout, RolloutBackend
+from opd_exp.rollout.decode import DecodeBackend
 from opd_exp.rollout.hf import HFGenerateBackend
 
 # name (config ``sampling.backend``) -> backend class, or "module:Class" imported on use (optional extras)
-BACKENDS: dict[str, type | str] = {"hf": HFGenerateBackend, "vllm": "opd_exp.rollout.vllm:VLLMBackend"}
+BACKENDS: dict[str, type | str] = {"decode": DecodeBackend, "hf": HFGenerateBackend,
+                                   "vllm": "opd_exp.rollout.vllm:VLLMBackend"}
 
 
 def make_backend(name: str) -> RolloutBackend:
