@@ -157,7 +157,7 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
     """Validate, skip-or-run, and always leave a run_summary.json describing what happened."""
     start = time.time()
     summary = {"status": "running", "overrides": overrides, "git_commit": rundir.git_commit(),
-               "versions": rundir.package_versions()}
+               "git_dirty": rundir.git_dirty(), "versions": rundir.package_versions()}
     try:
         cfg: RunConfig = load_run_config(cfg_node)
         check_paths(cfg)

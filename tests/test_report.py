@@ -410,8 +410,18 @@ def test_failed_cell_is_reported_and_only_it_reruns(tmp_path, smoke, smoke_overr
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/run_summary.json")}
     status = {name: s["status"] for name, s in summaries.items()}
     assert sorted(status.values()) == ["completed", "failed"], status
+    done = next(s for s in summaries.values() if s["status"] == "completed")
+    meta = json.loads((smoke.entry / "bootstrap.json").read_text())  # provenance: the pair and what was evaluated
+    assert done["pair"]["entry"] == smoke.entry.name
+    assert done["pair"]["teacher_sha256"] == meta["teacher"]["weights_sha256"]
+    assert done["pair"]["bootstrap_threads"] == meta["torch_threads"]
+    assert done["eval_prompts"] == dict.fromkeys(SPLITS, 8) and "git_dirty" in done
     assert main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     readme = (tmp_path / "out" / "README.md").read_text()
+    assert f"- pair: {smoke.entry.name} (teacher sha256 {meta['teacher']['weights_sha256'][:12]}" in readme
+    (scale,) = [ln for ln in readme.splitlines() if ln.startswith("- scale: ")]
+    assert "evaluated prompts per split: id=8, long=8, wide=8" in scale and "task.n_eval" not in scale
+    assert f"- code that ran: {done['git_commit'][:10]} (2 runs, " in readme
     assert "estimator.top_k" in readme and "| failed |" in readme
     assert "Ours w/o mask" in (tmp_path / "out" / "main.md").read_text()
     cell = {s: next(sweep / n for n, st in status.items() if st == s) for s in ("completed", "failed")}

@@ -172,6 +172,24 @@ def pair_paths(model_cfg: ModelConfig, task_cfg: TaskConfig) -> tuple[Path, Path
     return resolve_checkpoint(model_cfg.teacher_path, model_cfg.teacher_revision, "teacher"), student, tokenizer
 
 
+def pair_identity(model_cfg: ModelConfig, task_cfg: TaskConfig) -> dict[str, Any]:
+    """What identifies the pair a run used, for its summary and the report's provenance: the embedded pair's
+    cache entry, weights sha256 and the bootstrap settings that change its weights (torch threads, precision,
+    version; bootstrap.json), or a checkpoint pair's paths and revisions; the per-task teachers either way."""
+    teachers = {"teachers": dict(model_cfg.teachers)} if model_cfg.teachers else {}
+    if model_cfg.kind != "tiny":
+        return {"teacher": model_cfg.teacher_path, "teacher_revision": model_cfg.teacher_revision,
+                "student": model_cfg.student_path, "student_revision": model_cfg.student_revision} | teachers
+    from opd_exp.models.bootstrap import META, entry_dir
+
+    entry = entry_dir(model_cfg, task_cfg)
+    meta = json.loads((entry / META).read_text())
+    return {"entry": entry.name, "teacher_sha256": (meta.get("teacher") or {}).get("weights_sha256"),
+            "student_sha256": (meta.get("student") or {}).get("weights_sha256"),
+            "bootstrap_threads": meta.get("torch_threads"), "precision": meta.get("precision"),
+            "bootstrap_version": meta.get("version")} | teachers
+
+
 def resolve_checkpoint(path: str, revision: str | None, role: str) -> Path:
     """A local dir as given; a hub id (``org/name``, not an existing path) downloaded once into the Hugging Face
     cache at ``revision`` (``huggingface_hub.snapshot_download``); its local snapshot dir either way."""

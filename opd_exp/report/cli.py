@@ -58,6 +58,7 @@ import traceback
 from collections import defaultdict
 from pathlib import Path
 
+from opd_exp import rundir
 from opd_exp.config.validation import ConfigError
 from opd_exp.report.claims import claims_frame, claims_markdown, evaluate_claim
 from opd_exp.report.figures import bar_figure, curve_figure, x_figure
@@ -183,14 +184,48 @@ def sweep_command(runs: list[Run]) -> tuple[str, list[str]]:
 
 
 def scale_lines(runs: list[Run]) -> list[str]:
+    """The settings that size a run; the prompts actually evaluated per split (the summary's ``eval_prompts``)
+    instead of ``task.n_eval`` where the runs recorded them (``eval.n_prompts`` may evaluate fewer)."""
+    evaluated = sorted({", ".join(f"{k}={v}" for k, v in r.summary["eval_prompts"].items())
+                        for r in runs if r.summary.get("eval_prompts")})
     keys = ["model.name", "train.steps", "train.prompts_per_step", "sampling.rollouts_per_prompt",
-            "sampling.max_new_tokens", "task.n_eval", "eval.k", "device"]
+            "sampling.max_new_tokens", *([] if evaluated else ["task.n_eval"]), "eval.k", "eval.top_p",
+            "eval.temperature", "eval.max_new_tokens", "device"]
     out = []
     for key in keys:
         values = sorted({str(r.lookup(key)) for r in runs if r.lookup(key) is not None})
         if values:
             out.append(f"{key}={'|'.join(values)}")
-    return out
+    return out + [f"evaluated prompts per split: {' | '.join(evaluated)}"] if evaluated else out
+
+
+def code_line(runs: list[Run]) -> str:
+    """The commit(s) that ran, each with its number of runs and whether its tree had uncommitted changes."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for run in runs:
+        dirty = run.summary.get("git_dirty")
+        state = "dirty" if dirty else ("clean" if dirty is False else "dirty flag not recorded")
+        counts[(str(run.summary.get("git_commit") or "unknown"), state)] += 1
+    return ", ".join(f"{commit[:10]} ({n} run{'s' * (n != 1)}, {state})"
+                     for (commit, state), n in sorted(counts.items()))
+
+
+def pair_line(runs: list[Run]) -> str:
+    """Every distinct pair the runs used (the summary's ``pair``): entry, weights hashes, bootstrap settings."""
+    seen = []
+    for run in runs:
+        pair = run.summary.get("pair")
+        if pair and pair not in seen:
+            seen.append(pair)
+    parts = []
+    for pair in seen:
+        if "entry" in pair:
+            parts.append(f"{pair['entry']} (teacher sha256 {str(pair.get('teacher_sha256'))[:12]}, student "
+                         f"{str(pair.get('student_sha256'))[:12]}; bootstrapped with {pair.get('bootstrap_threads')}"
+                         f" torch threads, {pair.get('precision')}, version {pair.get('bootstrap_version')})")
+        else:
+            parts.append(", ".join(f"{k} {v}" for k, v in pair.items() if v is not None))
+    return "; ".join(parts) or "not recorded (runs older than the pair's provenance)"
 
 
 def provenance(runs: list[Run], args: list[str]) -> list[str]:
@@ -199,13 +234,17 @@ def provenance(runs: list[Run], args: list[str]) -> list[str]:
     seeds = sorted({r.seed for r in runs if r.seed is not None}, key=str)
     wall = [float(r.summary.get("wall_time_s") or 0.0) for r in runs]
     versions = next((r.summary.get("versions") for r in runs if r.summary.get("versions")), {})
+    report_dirty = rundir.git_dirty()
+    report_code = f"{(rundir.git_commit() or 'unknown')[:10]}" + (
+        " (dirty)" if report_dirty else " (clean)" if report_dirty is False else "")
     return [
         "## How this was made", "",
-        f"- report: `opd-exp-report {' '.join(args)}` on {datetime.date.today().isoformat()}; "
+        f"- report: `opd-exp-report {' '.join(args)}` on {datetime.date.today().isoformat()}, code {report_code}; "
         "nothing in this directory is edited by hand",
         f"- sweep: `{command}`" + (f", swept: {'; '.join(swept)}" if swept else ""),
         f"- run dirs: {len(runs)} ({', '.join(sorted({shown_path(r.path.parent) for r in runs}))})",
-        f"- git commit(s): {', '.join(commits) or 'unknown'}",
+        f"- code that ran: {code_line(runs) if commits else 'unknown'}",
+        f"- pair: {pair_line(runs)}" if any(r.runner == "opd" for r in runs) else "- pair: none (the toy study)",
         f"- seeds: {', '.join(map(str, seeds)) or 'unknown'}",
         f"- scale: {', '.join(scale_lines(runs)) or 'unknown'}" if any(r.runner == "opd" for r in runs)
         else "- scale: the toy study's settings (toy.* in each run's config.yaml)",

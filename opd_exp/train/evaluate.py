@@ -20,6 +20,8 @@ from opd_exp.rollout import make_backend, rollout, stop_ids
 from opd_exp.rollout.multiturn import play
 from opd_exp.tasks.base import episode_makers
 
+EVAL_BACKEND = "decode"  # evaluation samples with opd-exp's own loop, whatever backend training rolls out with
+
 Z95 = 1.959963984540054
 
 
@@ -138,7 +140,7 @@ def evaluate_model(model, tokenizer, task, cfg: EvalConfig, splits: dict[str, li
     for split, examples in splits.items():
         k = split_k[split]
         sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, rollouts_per_prompt=k,
-                                  max_new_tokens=cfg.max_new_tokens)
+                                  max_new_tokens=cfg.max_new_tokens, backend=EVAL_BACKEND)
         examples = examples[: cfg.n_prompts] if cfg.n_prompts else examples
         split_model = split_models.get(split, model)
         greedy = [c[0] for c in _generate_graded(split_model, tokenizer, task, examples, sampling, 1, True,

@@ -30,13 +30,13 @@ from opd_exp import rundir
 from opd_exp.config import RunConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.models.audit import audit_tokenizers, check_pair_compatible, pair_probes
-from opd_exp.models.pair import ModelPair, cache_root, load_pair, masked_token_ids, pair_paths
+from opd_exp.models.pair import ModelPair, cache_root, load_pair, masked_token_ids, pair_identity, pair_paths
 from opd_exp.objectives import ESTIMATORS
 from opd_exp.rollout import make_backend
 from opd_exp.tasks.base import Task, episode_makers, make_task, step_task
 from opd_exp.train import checkpoint, distributed, probe
 from opd_exp.train.diagnostics import save_raw_samples
-from opd_exp.train.evaluate import evaluate_model
+from opd_exp.train.evaluate import EVAL_BACKEND, evaluate_model
 from opd_exp.train.step import train_step
 from opd_exp.train.tracking import Tracker
 
@@ -137,12 +137,13 @@ class _StopFlag:
 
 def _before_cache_file(cfg: RunConfig) -> Path:
     """Where the pair's before-training evaluation is cached: keyed by the two checkpoints (path and the
-    newest file time in each), the task and the eval settings, so every run of a sweep on one pair shares it."""
+    newest file time in each), the task, the eval settings and the sampling backend, so every run of a sweep on
+    one pair shares it."""
     teacher_dir, student_dir, _ = pair_paths(cfg.model, cfg.task)
     stamp = {str(d.resolve()): max((f.stat().st_mtime_ns for f in d.rglob("*") if f.is_file()), default=0)
              for d in (teacher_dir, student_dir)}
-    blob = json.dumps({"pair": stamp, "task": dataclasses.asdict(cfg.task), "eval": dataclasses.asdict(cfg.eval)},
-                      sort_keys=True)
+    blob = json.dumps({"pair": stamp, "task": dataclasses.asdict(cfg.task), "eval": dataclasses.asdict(cfg.eval),
+                       "backend": EVAL_BACKEND}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return cache_root(cfg.model) / "evals" / f"before-{key}.json"
 
@@ -294,7 +295,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     results["train/nonfinite_skips"] = state["nonfinite_total"]
     tracker.log(cfg.train.steps, {f"eval/student_after/{k}": v for k, v in after.items() if "_ci" not in k})
     tracker.finish()
-    return {"status": status, "results": results}
+    evaluated = {split: len(examples[: cfg.eval.n_prompts] if cfg.eval.n_prompts else examples)
+                 for split, examples in task.eval_splits.items()}
+    return {"status": status, "results": results, "pair": pair_identity(cfg.model, cfg.task),
+            "eval_prompts": evaluated}
 
 
 def _warn_nonfinite(step: int, metrics: dict[str, float], streak: int, limit: int) -> None:
