@@ -20,12 +20,12 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from opd_exp.report import claims
+from opd_exp.report import claims, stats
 from opd_exp.report import cli as report
 from opd_exp.report import runs as runs_mod
 from opd_exp.report import table as table_mod
 from opd_exp.report.cli import main
-from opd_exp.report.stats import Stat, mean_ci, t_quantile
+from opd_exp.report.stats import mean_ci, t_quantile
 
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = ("id", "long", "wide")
@@ -194,25 +194,72 @@ def test_claims_read_paired_differences_over_seeds(tmp_path):
     assert mask["diff_ci_hi"] == pytest.approx(T975_2DOF * (5 / 6) * 0.1 / math.sqrt(3))
     assert mask["verdict"].startswith("not significant")
     # the failed seed has no pair: n = 2; diffs 5/6 * (0, 0.1) contain 0 -> consistent with "similar"
-    similar = claims.loc["Masking changes little on top of Ours"]
-    assert similar["n"] == 2 and similar["verdict"].startswith("consistent")
+    similar = claims.loc["Masking changes little on top of Ours"]  # n = 2 cannot show equivalence within 2 pts
+    assert similar["n"] == 2 and similar["verdict"].startswith("not significant (not shown equivalent")
+    assert similar["p_holm"] >= similar["p_equiv"] and math.isnan(beats["margin"])
     # student_before pairs with every seed: after - before = 5/6 * (0.2 - 0.1, 0.3 - 0.2, 0.4 - 0.3)
     improves = claims.loc["Sampled-token OPD improves on the student"]
     assert improves["diff_mean"] == pytest.approx(5 / 6 * 0.1) and improves["verdict"] == "reproduces"
     assert "## Paper claims at this scale" in (out / "README.md").read_text()
 
 
-@pytest.mark.parametrize("lo,hi,expect,verdict", [
-    (0.1, 0.3, "higher", "reproduces"), (-0.3, -0.1, "higher", "opposite (significant)"),
-    (-0.3, -0.1, "lower", "reproduces"), (-0.1, 0.3, "higher", "not significant (mean in the paper's direction)"),
-    (-0.1, 0.3, "lower", "not significant (mean in the opposite direction)"),
-    (-0.1, 0.3, "similar", "consistent (no significant difference)"),
-    (0.1, 0.3, "similar", "does not reproduce (significant difference)")])
-def test_claim_verdicts(lo, hi, expect, verdict):
-    assert claims.verdict(Stat((lo + hi) / 2, lo, hi, 3), expect) == verdict
-    assert claims.verdict(Stat(0.0, lo - hi, hi - lo, 3), expect) in (
-        "not significant (no difference)", "consistent (no significant difference)")
-    assert claims.verdict(Stat(0.2, math.nan, math.nan, 1), expect).startswith("not enough seeds")
+def judged(expect: str, diffs: list[float], margin: float = 0.02, untestable: str = "") -> claims.ClaimResult:
+    """One claim judged alone (a family of one: Holm p = p) on paired differences ``diffs``."""
+    spec = claims.ClaimSpec(claim="c", expect=expect, margin=margin, untestable=untestable)
+    r = claims.ClaimResult(spec, "id", mean_ci(diffs), mean_ci([0.0] * len(diffs)), mean_ci(diffs),
+                           p=stats.paired_t_p(diffs), p_equiv=stats.tost_p(diffs, margin),
+                           mde=stats.min_detectable_effect(diffs))
+    claims.judge([("", r)])
+    return r
+
+
+@pytest.mark.parametrize("expect,diffs,verdict", [
+    ("higher", [0.10, 0.12, 0.11, 0.13], "reproduces"),
+    ("lower", [0.10, 0.12, 0.11, 0.13], "opposite (significant)"),
+    ("lower", [-0.10, -0.12, -0.11, -0.13], "reproduces"),
+    ("higher", [0.10, -0.05, 0.02, 0.0], "not significant (MDE "),
+    ("similar", [0.001, -0.002, 0.0, 0.001], "equivalent (within +-2 pts)"),
+    ("similar", [0.10, 0.12, 0.11, 0.13], "opposite (significant difference)"),
+    ("similar", [0.05, -0.05, 0.03, -0.02], "not significant (not shown equivalent within +-2 pts; MDE "),
+    ("higher", [0.1], "not enough seeds (n = 1)")])
+def test_claim_verdicts(expect, diffs, verdict):
+    assert judged(expect, diffs).verdict.startswith(verdict)
+    assert judged(expect, diffs, untestable="responses never drift").verdict == (
+        "untestable at this scale: responses never drift")
+
+
+def test_paired_tests_by_hand():
+    """Against the textbook closed forms of Student's t for 2, 3 and 4 degrees of freedom."""
+    cdf3 = lambda t: 0.5 + (t / math.sqrt(3) / (1 + t * t / 3) + math.atan(t / math.sqrt(3))) / math.pi  # noqa: E731
+    cdf4 = lambda t: 0.5 + 3 / 8 * t / math.sqrt(1 + t * t / 4) * (1 - t * t / (12 * (1 + t * t / 4)))  # noqa: E731
+    assert stats.t_cdf(-1.5, 3) == pytest.approx(cdf3(-1.5), abs=1e-12)
+    assert stats.t_cdf(2.0, 4) == pytest.approx(cdf4(2.0), abs=1e-12)
+    t = 0.15 / (0.05 / math.sqrt(3))  # d = (0.1, 0.2, 0.15): two-sided p with 2 dof is 1 - t / sqrt(2 + t^2)
+    assert stats.paired_t_p([0.1, 0.2, 0.15]) == pytest.approx(1 - t / math.sqrt(2 + t * t), abs=1e-12)
+    # TOST within 0.1 of d = (0.02, 0.05, -0.01, 0.04): mean 0.025, se 0.013229; max of the one-sided p-values
+    se = math.sqrt(sum((d - 0.025) ** 2 for d in (0.02, 0.05, -0.01, 0.04)) / 3 / 4)
+    expected = max(1 - stats.t_cdf((0.025 + 0.1) / se, 3), stats.t_cdf((0.025 - 0.1) / se, 3))
+    assert stats.tost_p([0.02, 0.05, -0.01, 0.04], 0.1) == pytest.approx(expected)
+    assert expected < 0.01 and stats.tost_p([0.02, 0.05, -0.01, 0.04], 0.02) > 0.5
+    # MDE: (t_0.975 + t_0.8) * se with 2 dof, whose quantile is (2p - 1) sqrt(2 / (4 p (1 - p)))
+    q2 = lambda p: (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))  # noqa: E731
+    mde = stats.min_detectable_effect([0.1, 0.2, 0.15])
+    assert mde == pytest.approx((q2(0.975) + q2(0.8)) * 0.05 / math.sqrt(3), abs=1e-9)
+    assert stats.paired_t_p([0.1, 0.1]) == 0.0 and stats.paired_t_p([0.0, 0.0]) == 1.0
+    assert math.isnan(stats.paired_t_p([0.3]))
+
+
+def test_holm_adjusts_the_family():
+    """Holm 1979: sorted p times (m - rank), made monotone; NaN left out of m."""
+    assert stats.holm([0.01, 0.04, 0.03, math.nan]) == pytest.approx([0.03, 0.06, 0.06, math.nan], nan_ok=True)
+    assert stats.holm([0.5, 0.001]) == pytest.approx([0.5, 0.002])
+    # a family of two claims that each pass alone at p ~ 0.035: the adjusted p is ~0.07, no longer significant
+    a = judged("higher", [0.1, 0.2, 0.15])
+    pair = [("", claims.ClaimResult(a.spec, "id", a.a, a.b, a.diff, p=a.p, p_equiv=a.p_equiv, mde=a.mde))
+            for _ in range(2)]
+    claims.judge(pair)
+    assert a.verdict == "reproduces" and pair[0][1].p_holm == pytest.approx(2 * a.p)
+    assert pair[0][1].verdict.startswith("not significant")
 
 
 def test_hardest_split_is_the_students_worst_among_those_the_teacher_leads(tmp_path):

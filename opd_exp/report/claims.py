@@ -1,17 +1,22 @@
-"""The paper's claims, checked on a sweep: does the direction of each comparison reproduce at this scale?
+"""The paper's claims, checked on a sweep: does each comparison reproduce at this scale, and could it have?
 
 A claim compares two sides of a table, ``a`` and ``b`` (each a ``who`` evaluation of the runs matching
 ``where``, like a table row), on one split and metric, and says what the paper found: ``a`` is ``higher``,
 ``lower`` or ``similar``. Each seed gives one paired difference d_s = a_s - b_s (the runs of a seed share the
 pair, the prompts and the seed; teacher and student_before are the same for every seed, so they pair with
-anything); the verdict reads the 95% t-interval of mean(d) over the seeds that both sides have:
+anything). Per claim: mean(d) with its 95% t-interval, the paired t-test's two-sided p, for a ``similar`` claim
+the equivalence test's p (TOST within +-``margin``), and the minimum detectable effect (MDE: the true mean(d)
+the test detects with power 0.8 at alpha 0.05 and these seeds' spread). The p-values of one report (every
+claim and facet group of an experiment) are Holm-adjusted as one family; the verdict reads the adjusted p:
 
-    higher / lower:  reproduces           the interval excludes 0 on the paper's side
-                     opposite             the interval excludes 0 on the other side
-                     not significant      the interval contains 0 (the sign of the mean is reported, or
-                                          "no difference" when the mean is exactly 0)
-    similar:         consistent           the interval contains 0 (weak evidence with few seeds)
-                     does not reproduce   the interval excludes 0
+    higher / lower:  reproduces                 adjusted p < 0.05, mean(d) on the paper's side
+                     opposite (significant)     adjusted p < 0.05, on the other side
+                     not significant (MDE x)    otherwise: no effect smaller than ~x could have shown
+    similar:         equivalent (within +-m)    adjusted TOST p < 0.05
+                     opposite (significant)     the difference test is significant (adjusted) instead
+                     not significant (...)      neither: the data cannot tell (margin and MDE stated)
+    any:             untestable at this scale   declared with ``untestable: <reason>`` (the scale cannot
+                                                show it); measured and shown, no verdict drawn
 
 Declared in an experiment file's ``report.claims`` (conf/experiment/math_main.yaml has examples):
 
@@ -23,16 +28,19 @@ Declared in an experiment file's ``report.claims`` (conf/experiment/math_main.ya
         a: {where: {recipe: ours, mask.enabled: false}}
         b: {where: {recipe: baseline, mask.enabled: false}}
         expect: higher
+        margin: 0.02                # similar claims: the equivalence margin (absolute; 0.02 = 2 points)
+        untestable: ""              # or why this scale cannot test the claim
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from opd_exp.config.validation import spec
-from opd_exp.report.stats import Stat, mean_ci
+from opd_exp.report.stats import Stat, holm, mean_ci, min_detectable_effect, paired_t_p, tost_p
 
 WHO = ("teacher", "student_before", "student_after")
 EXPECT = ("higher", "lower", "similar")
@@ -57,18 +65,31 @@ class ClaimSpec:
     a: SideSpec = field(default_factory=SideSpec)
     b: SideSpec = field(default_factory=SideSpec)
     expect: str = spec("higher", "what the paper found for a vs b", choices=list(EXPECT))
+    margin: float = spec(0.02, "equivalence margin of a `similar` claim (absolute: 0.02 = 2 points)", gt=0.0)
+    untestable: str = spec("", "why this scale cannot test the claim (empty: it is tested)")
 
 
 @dataclass
 class ClaimResult:
-    """A claim's numbers on one group of runs: both sides and their paired difference over seeds."""
+    """A claim's numbers on one group of runs: both sides, their paired difference over seeds, its tests
+    (``p``: the difference; ``p_equiv``: TOST, similar claims), the MDE, and, once the family is judged
+    (:func:`judge`), the Holm-adjusted p of the claim's own test and the verdict."""
 
     spec: ClaimSpec
     split: str
     a: Stat
     b: Stat
     diff: Stat
-    verdict: str
+    p: float
+    p_equiv: float
+    mde: float
+    p_holm: float = math.nan
+    verdict: str = ""
+
+    @property
+    def test_p(self) -> float:
+        """The p-value the verdict rests on: equivalence for a similar claim, difference otherwise."""
+        return self.p_equiv if self.spec.expect == "similar" else self.p
 
 
 def values_by_seed(runs: list, who: str, key: str) -> dict[Any, float]:
@@ -81,29 +102,40 @@ def values_by_seed(runs: list, who: str, key: str) -> dict[Any, float]:
     return {seed: sum(v) / len(v) for seed, v in by_seed.items()}
 
 
-def verdict(diff: Stat, expect: str) -> str:
-    """The verdict of a paired difference (a - b) against the paper's direction (module docstring)."""
-    if diff.n < 2:
-        return f"not enough seeds (n = {diff.n})"
-    above, below = diff.lo > 0, diff.hi < 0
-    if expect == "similar":
-        if above or below:
-            return "does not reproduce (significant difference)"
-        return "consistent (no significant difference)"
-    paper_side, other_side = (above, below) if expect == "higher" else (below, above)
-    if paper_side:
-        return "reproduces"
-    if other_side:
-        return "opposite (significant)"
-    if diff.mean == 0:
-        return "not significant (no difference)"
-    direction = "the paper's" if (diff.mean > 0) == (expect == "higher") else "the opposite"
-    return f"not significant (mean in {direction} direction)"
+def verdict(r: ClaimResult, p_diff_holm: float, alpha: float = 0.05) -> str:
+    """The verdict of a judged claim (module docstring): ``r.p_holm`` is its own test's adjusted p,
+    ``p_diff_holm`` the adjusted p of its difference test (the same for a directional claim)."""
+    if r.spec.untestable:
+        return f"untestable at this scale: {r.spec.untestable}"
+    if r.diff.n < 2:
+        return f"not enough seeds (n = {r.diff.n})"
+    mde = f"MDE {r.mde * 100:.1f} pts"
+    if r.spec.expect == "similar":
+        if r.p_holm < alpha:
+            return f"equivalent (within +-{r.spec.margin * 100:g} pts)"
+        if p_diff_holm < alpha:
+            return "opposite (significant difference)"
+        return f"not significant (not shown equivalent within +-{r.spec.margin * 100:g} pts; {mde})"
+    if r.p_holm < alpha:
+        return "reproduces" if (r.diff.mean > 0) == (r.spec.expect == "higher") else "opposite (significant)"
+    return f"not significant ({mde})"
+
+
+def judge(results: list[tuple[str, ClaimResult]], alpha: float = 0.05) -> None:
+    """Holm-adjust the family's p-values (each claim's own test; untestable claims are left out) and set
+    every verdict, in place."""
+    tested = [r for _, r in results if not r.spec.untestable]
+    for r, adjusted in zip(tested, holm([r.test_p for r in tested]), strict=True):
+        r.p_holm = adjusted
+    diff_holm = dict(zip(map(id, tested), holm([r.p for r in tested]), strict=True))
+    for _, r in results:
+        r.verdict = verdict(r, diff_holm.get(id(r), math.nan), alpha)
 
 
 def evaluate_claim(claim: ClaimSpec, runs: list, matches, hardest_split) -> ClaimResult:
     """``runs``: finished runs of one table group; ``matches(run, where)`` and ``hardest_split(runs, metric)``
-    are the report's row selection and split choice, so a claim reads exactly what its table shows."""
+    are the report's row selection and split choice, so a claim reads exactly what its table shows. The
+    verdict is set by :func:`judge` over the whole family."""
     split = hardest_split(runs, claim.metric) if claim.split == "hardest" else claim.split
     key = f"{split}/{claim.metric}"
     sides = []
@@ -112,9 +144,9 @@ def evaluate_claim(claim: ClaimSpec, runs: list, matches, hardest_split) -> Clai
         sides.append(values_by_seed(picked, side.who, key))
     a, b = sides
     paired = [a[s] - b[s] for s in a if s in b]
-    diff = mean_ci(paired)
-    return ClaimResult(claim, str(split), mean_ci(list(a.values())), mean_ci(list(b.values())), diff,
-                       verdict(diff, claim.expect))
+    return ClaimResult(claim, str(split), mean_ci(list(a.values())), mean_ci(list(b.values())), mean_ci(paired),
+                       p=paired_t_p(paired), p_equiv=tost_p(paired, claim.margin) if claim.expect == "similar"
+                       else math.nan, mde=min_detectable_effect(paired))
 
 
 def _pct(stat: Stat, ci: bool = False) -> str:
@@ -126,20 +158,31 @@ def _pct(stat: Stat, ci: bool = False) -> str:
     return text
 
 
+def _p(value: float) -> str:
+    return "–" if math.isnan(value) else (f"{value:.3f}" if value >= 0.001 else "<0.001")
+
+
 def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
     """The README section: one line per (group, claim), numbers in percent."""
     lines = ["## Paper claims at this scale", "",
              "Each row compares two rows of the tables on one split: a - b is the mean paired difference over "
-             "seeds with its 95% t-interval (percentage points); the verdict reads that interval "
-             "(opd_exp/report/claims.py).", "",
-             "| claim | paper | group | split | a | b | a - b [95% CI] | n | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "seeds with its 95% t-interval (percentage points); p is the paired t-test's (for a `similar` "
+             "claim, the equivalence test's within the margin), Holm p the same adjusted over every claim of "
+             "this report, and the verdict reads Holm p; MDE: the smallest true difference these seeds detect "
+             "with power 0.8 (opd_exp/report/claims.py).", "",
+             "| claim | paper | group | split | a | b | a - b [95% CI] | n | p | Holm p | MDE / margin | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, r in results:
+        bound = (f"+-{r.spec.margin * 100:g} (MDE {r.mde * 100:.1f})" if r.spec.expect == "similar"
+                 else f"{r.mde * 100:.1f}") if not math.isnan(r.mde) else "–"
         lines.append(f"| {r.spec.claim} | {r.spec.paper} | {group or 'all'} | {r.split} | {_pct(r.a)} | "
-                     f"{_pct(r.b)} | {_pct(r.diff, ci=True)} | {r.diff.n} | {r.verdict} |")
-    reproduced = sum(r.verdict == "reproduces" or r.verdict.startswith("consistent") for _, r in results)
-    lines += ["", f"{reproduced} of {len(results)} claim checks reproduce (or are consistent); the others are "
-              "stated as measured, not tuned until they do.", ""]
+                     f"{_pct(r.b)} | {_pct(r.diff, ci=True)} | {r.diff.n} | {_p(r.test_p)} | {_p(r.p_holm)} | "
+                     f"{bound} | {r.verdict} |")
+    counts = defaultdict(int)
+    for _, r in results:
+        counts[r.verdict.split(" (")[0].split(":")[0]] += 1
+    lines += ["", "Verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + f" (of {len(results)} "
+              "claim checks); stated as measured, never tuned until they reproduce.", ""]
     return lines
 
 
@@ -149,5 +192,7 @@ def claims_frame(results: list[tuple[str, ClaimResult]]):
     rows = [{"claim": r.spec.claim, "paper": r.spec.paper, "group": group, "split": r.split,
              "metric": r.spec.metric, "expect": r.spec.expect, "a_mean": r.a.mean, "b_mean": r.b.mean,
              "diff_mean": r.diff.mean, "diff_ci_lo": r.diff.lo, "diff_ci_hi": r.diff.hi, "n": r.diff.n,
-             "verdict": r.verdict} for group, r in results]
+             "p": r.p, "p_equiv": r.p_equiv, "p_holm": r.p_holm, "mde": r.mde,
+             "margin": r.spec.margin if r.spec.expect == "similar" else math.nan, "verdict": r.verdict}
+            for group, r in results]
     return pd.DataFrame(rows)

@@ -60,7 +60,7 @@ from pathlib import Path
 
 from opd_exp import rundir
 from opd_exp.config.validation import ConfigError
-from opd_exp.report.claims import claims_frame, claims_markdown, evaluate_claim
+from opd_exp.report.claims import claims_frame, claims_markdown, evaluate_claim, judge
 from opd_exp.report.figures import bar_figure, curve_figure, x_figure
 from opd_exp.report.runs import (
     FINISHED,
@@ -322,6 +322,7 @@ def write_claims(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[s
     for facet, facet_runs in facet_groups(runs, spec_.facets).items():
         usable = [r for r in facet_runs if r.usable and r.runner == "opd"]
         results += [(facet, evaluate_claim(c, usable, matches, hardest_split)) for c in spec_.claims]
+    judge(results)
     claims_frame(results).to_csv(out / "claims.csv", index=False)
     return claims_markdown(results)
 
