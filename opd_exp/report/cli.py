@@ -90,8 +90,10 @@ from opd_exp.report.table import (
 TOY_RUNNERS = ("toy_gamma", "toy_exact")
 FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.report.failure (figures and verdicts)
 ESTIMATORS_EXPERIMENT = "estimators"  # its runs also go to opd_exp.report.estimators (the gradient probe)
-CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom); "
-           "n = 1 has no interval (nan in the CSV).")
+CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom), cut to [0, 100] for "
+           "scores; [lo, hi]: a single evaluation shared by every seed (teacher, student before) with its 95% "
+           "interval over the evaluated prompts (Wilson for greedy accuracy, t over prompts for avg@k); n = 1 "
+           "otherwise has no interval (nan in the CSV).")
 
 
 # ----------------------------------------------------------------------------- writing tables
@@ -104,6 +106,9 @@ def fmt(stat: Stat, percent: bool) -> str:
     if stat.n == 0:
         return "–"
     scale = 100.0 if percent else 1.0
+    if stat.basis == "prompts":  # one evaluation: its interval over prompts
+        return (f"{stat.mean * scale:.1f} [{stat.lo * scale:.1f}, {stat.hi * scale:.1f}]" if percent
+                else f"{stat.mean:.4g} [{stat.lo:.3g}, {stat.hi:.3g}]")
     if stat.n == 1:
         return f"{stat.mean * scale:.1f} (n=1)" if percent else f"{stat.mean:.4g} (n=1)"
     half = (stat.hi - stat.lo) / 2 * scale

@@ -38,12 +38,27 @@ def t_quantile(prob: float, dof: int) -> float:
 
 @dataclass
 class Stat:
-    """Mean over seeds with a two-sided t-interval; lo/hi are NaN when n < 2."""
+    """Mean over seeds with a two-sided t-interval; lo/hi are NaN when n < 2. ``basis`` "prompts": one
+    evaluation (n = 1) whose lo/hi are its own interval over the evaluated prompts (:func:`evaluation_stat`)."""
 
     mean: float
     lo: float
     hi: float
     n: int
+    basis: str = "seeds"
+
+
+def evaluation_stat(value: float, ci: list[float]) -> Stat:
+    """A single evaluation shared by every seed (teacher, student before), with its 95% interval over prompts
+    (Wilson for greedy accuracy, t over prompts for avg@k; recorded by opd_exp/train/evaluate.py)."""
+    return Stat(float(value), float(ci[0]), float(ci[1]), 1, basis="prompts")
+
+
+def clamp(stat: Stat, lo: float = 0.0, hi: float = 1.0) -> Stat:
+    """The interval cut to the metric's range (an accuracy's t-interval can cross 0 or 1; its mean cannot)."""
+    if math.isnan(stat.lo):
+        return stat
+    return Stat(stat.mean, max(lo, stat.lo), min(hi, stat.hi), stat.n, stat.basis)
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> Stat:

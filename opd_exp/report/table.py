@@ -15,7 +15,7 @@ import yaml
 from opd_exp.config.validation import spec, validate
 from opd_exp.report.claims import WHO, ClaimSpec, SideSpec
 from opd_exp.report.runs import Run, cell_label, group_cells, parse_value, same_value, varying_keys
-from opd_exp.report.stats import Stat, mean_ci
+from opd_exp.report.stats import Stat, clamp, evaluation_stat, mean_ci
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 DEFAULT_CURVES = ["train/loss", "train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy"]
@@ -146,13 +146,27 @@ def expand_columns(spec_columns: list[str], runs: list[Run], metric: str) -> tup
     return splits, headers
 
 
+def row_stat(runs: list[Run], who: str, split: str, metric: str) -> Stat:
+    """A table cell. student_after: the mean over seeds with its t-interval. teacher / student_before: one
+    value per seed; when every seed saw the same evaluation (the cached before-training evaluation), that
+    evaluation with its interval over prompts, not a zero-width interval over seeds. Scores (``@`` metrics)
+    keep their interval inside [0, 1]."""
+    values = who_values(runs, who, split, metric)
+    stat = mean_ci(values)
+    if who != "student_after" and len(set(values)) == 1:
+        ci = next((r.results.get(f"{who}/{split}/{metric}_ci") for r in runs
+                   if r.results.get(f"{who}/{split}/{metric}_ci")), None)
+        stat = evaluation_stat(values[0], ci) if ci else Stat(values[0], math.nan, math.nan, 1)
+    return clamp(stat) if "@" in metric else stat
+
+
 def fill_row(table: Table, label: str, runs: list[Run], who: str, splits: list[str], headers: list[str]) -> None:
-    table.cells[label] = {h: mean_ci(who_values(runs, who, s, table.metric))
-                          for s, h in zip(splits, headers, strict=True)}
+    table.cells[label] = {h: row_stat(runs, who, s, table.metric) for s, h in zip(splits, headers, strict=True)}
     if who == "student_after":
         table.row_runs[label] = runs
     else:
-        table.notes.append(f"row '{label}': the {who} evaluation every run makes, averaged per seed")
+        table.notes.append(f"row '{label}': the {who} evaluation every run makes, averaged per seed (one shared "
+                           "evaluation: its 95% interval over the evaluated prompts, in brackets)")
     n_cells = len({r.cell for r in runs})
     if who == "student_after" and n_cells > 1:
         table.notes.append(f"row '{label}' pools {n_cells} cells: add the differing key to `where` or `facets`")
