@@ -200,6 +200,21 @@ def test_a_shared_evaluation_shows_its_interval_over_prompts(tmp_path):
     assert "| Teacher | 90.0 [85.0, 95.0] |" in (out / "main.md").read_text()
 
 
+def test_curves_put_one_loss_type_per_axis(tmp_path):
+    """Rows training different objectives: their own losses are not plotted on one axis (the log-prob gap
+    compares them); rows of one objective keep the loss panel."""
+    from opd_exp.report.figures import comparable_keys
+
+    runs = {}
+    for name in ("sampled_token", "topk_rkl"):
+        cfg = base_config("math_main", 0, **{"estimator.name": name})
+        runs[name] = runs_mod.load_run(make_run(tmp_path / name, [f"estimator={name}", "seed=0"], cfg))
+    keys = ["train/loss", "train/kl", "train/logprob_gap", "train/entropy"]
+    mixed = [("a", [runs["sampled_token"]]), ("b", [runs["topk_rkl"]])]
+    assert comparable_keys(mixed, keys) == ["train/logprob_gap", "train/entropy"]
+    assert comparable_keys([("a", [runs["topk_rkl"]])], keys) == keys
+
+
 def test_claims_read_paired_differences_over_seeds(tmp_path):
     out = tmp_path / "out"
     assert main([str(make_math_main(tmp_path)), "--out", str(out)]) == 0

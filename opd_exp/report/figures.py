@@ -21,8 +21,24 @@ def pyplot():
     return plt
 
 
+# metrics.jsonl keys whose value is a loss of the run's own objective: not comparable across objectives
+OBJECTIVE_SPECIFIC = ("train/loss", "train/kl")
+# ranges of logged quantities, to keep a CI band inside what the quantity can take
+RANGES = {"train/clip_frac": (0.0, 1.0), "train/truncated": (0.0, 1.0), "train/entropy": (0.0, math.inf),
+          "train/response_len": (0.0, math.inf), "train/grad_norm": (0.0, math.inf)}
+
+
+def axis_label(key: str) -> str:
+    """A curve panel's y label: scores in percent (as the tables), the rest in their logged unit."""
+    if "@" in key:
+        return f"{key.rsplit('/', 1)[-1]} (%)"
+    units = {"train/response_len": "tokens", "train/entropy": "nats / token", "train/logprob_gap": "nats / token",
+             "train/clip_frac": "fraction of tokens", "train/grad_norm": "L2 norm (before clipping)"}
+    return units.get(key, "value")
+
+
 def bar_figure(table: Table, path: Path) -> bool:
-    """Grouped bars: one group per column (split), one bar per row, 95% CI error bars."""
+    """Grouped bars: one group per column (split), one bar per row, 95% CI error bars; scores in percent."""
     labels = [lab for lab, stats in table.cells.items() if any(s.n for s in stats.values())]
     columns = table.columns
     if not labels or not columns:
@@ -30,15 +46,17 @@ def bar_figure(table: Table, path: Path) -> bool:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(columns) * (1 + 0.25 * len(labels))), 3.6))
     width = 0.8 / len(labels)
+    scale = 100.0 if "@" in (table.metric or "") else 1.0
     for i, label in enumerate(labels):
         stats = [table.cells[label][c] for c in columns]
         xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(columns))]
-        means = [s.mean for s in stats]
-        errs = [[0 if math.isnan(s.lo) else s.mean - s.lo for s in stats],
-                [0 if math.isnan(s.hi) else s.hi - s.mean for s in stats]]
+        means = [s.mean * scale for s in stats]
+        errs = [[0 if math.isnan(s.lo) else (s.mean - s.lo) * scale for s in stats],
+                [0 if math.isnan(s.hi) else (s.hi - s.mean) * scale for s in stats]]
         ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
     ax.set_xticks(range(len(columns)), columns, rotation=15 if len(columns) > 4 else 0)
-    ax.set_ylabel(table.metric or "value")
+    ax.set_xlabel("eval split")
+    ax.set_ylabel(f"{table.metric} (%)" if scale == 100.0 else table.metric or "value")
     ax.set_title(table.title or table.name, fontsize=9)
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
@@ -58,10 +76,18 @@ def curve_stats(runs: list[Run], key: str) -> tuple[list[int], list[Stat]]:
     return steps, [mean_ci(by_step[s]) for s in steps]
 
 
+def comparable_keys(rows: list[tuple[str, list[Run]]], keys: list[str]) -> list[str]:
+    """``keys`` without the objective-specific losses when the rows train more than one objective."""
+    objectives = {str(r.lookup("estimator.name")) for _, runs in rows for r in runs}
+    return [k for k in keys if k not in OBJECTIVE_SPECIFIC] if len(objectives) > 1 else list(keys)
+
+
 def curve_figure(table: Table, keys: list[str], path: Path, max_lines: int = 12) -> bool:
-    """One panel per metrics.jsonl key, one line per row (mean over seeds) with its CI band."""
+    """One panel per metrics.jsonl key, one line per row (mean over seeds) with its CI band, kept inside the
+    quantity's range. Objective-specific losses (:data:`OBJECTIVE_SPECIFIC`) are left out when the rows train
+    different objectives (one loss type per axis); ``train/logprob_gap`` compares them."""
     rows = list(table.row_runs.items())[:max_lines]
-    data = {k: [(lab, *curve_stats(rs, k)) for lab, rs in rows] for k in keys}
+    data = {k: [(lab, *curve_stats(rs, k)) for lab, rs in rows] for k in comparable_keys(rows, keys)}
     data = {k: [d for d in v if d[1]] for k, v in data.items()}
     data = {k: v for k, v in data.items() if v}
     if not data:
@@ -69,12 +95,15 @@ def curve_figure(table: Table, keys: list[str], path: Path, max_lines: int = 12)
     plt = pyplot()
     fig, axes = plt.subplots(1, len(data), figsize=(3.4 * len(data), 3.0), squeeze=False)
     for ax, (key, lines) in zip(axes[0], data.items(), strict=True):
+        lo_bound, hi_bound = (0.0, 100.0) if "@" in key else RANGES.get(key, (-math.inf, math.inf))
+        scale = 100.0 if "@" in key else 1.0
         for label, steps, stats in lines:
-            line, = ax.plot(steps, [s.mean for s in stats], label=label, lw=1.2)
-            ax.fill_between(steps, [s.lo for s in stats], [s.hi for s in stats], alpha=0.2,
-                            color=line.get_color(), lw=0)
+            line, = ax.plot(steps, [s.mean * scale for s in stats], label=label, lw=1.2)
+            ax.fill_between(steps, [max(lo_bound, s.lo * scale) for s in stats],
+                            [min(hi_bound, s.hi * scale) for s in stats], alpha=0.2, color=line.get_color(), lw=0)
         ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training step")
+        ax.set_ylabel(axis_label(key), fontsize=8)
     axes[0][0].legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -18,7 +18,10 @@ from opd_exp.report.runs import Run, cell_label, group_cells, parse_value, same_
 from opd_exp.report.stats import Stat, clamp, evaluation_stat, mean_ci
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-DEFAULT_CURVES = ["train/loss", "train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy"]
+# train/logprob_gap (teacher - student log-prob of the sampled tokens: minus a KL estimate) compares objectives;
+# eval/student/... is plotted when the runs evaluate during training (train.eval_every > 0)
+DEFAULT_CURVES = ["train/loss", "train/logprob_gap", "train/response_len", "train/grad_norm", "train/clip_frac",
+                  "train/entropy", "eval/student/avg/greedy@1"]
 
 
 @dataclass
