@@ -544,3 +544,20 @@ def test_experiment_runs_at_smoke_scale(tmp_path, smoke, smoke_overrides, monkey
     assert summaries and all(s["status"] in ("completed", "diverged") for s in summaries), summaries
     assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
     assert "Table" in (tmp_path / "out" / "README.md").read_text() or name == "lr_tune"
+
+
+def test_seed_plan_inverts_the_committed_interval():
+    """scripts/plan_seeds.py: the sd behind a claim's interval is the paired differences' sd, its MDE is the
+    report's, and the seeds it asks for reach the target MDE (one fewer does not)."""
+    spec = importlib.util.spec_from_file_location("plan_seeds", REPO / "scripts" / "plan_seeds.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    diffs = [0.05, 0.02, 0.08, 0.03]
+    ci = mean_ci(diffs)
+    sd = plan.paired_sd(ci.lo, ci.hi, 4)
+    mean = sum(diffs) / 4
+    assert sd == pytest.approx(math.sqrt(sum((d - mean) ** 2 for d in diffs) / 3))
+    assert plan.mde(sd, 4) == pytest.approx(stats.min_detectable_effect(diffs))
+    n = plan.seeds_needed(sd, 0.02, 0.05, 50)
+    assert plan.mde(sd, n) <= 0.02 < plan.mde(sd, n - 1)
+    assert plan.seeds_needed(sd, 1e-6, 0.05, 10) is None
