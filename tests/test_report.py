@@ -561,3 +561,25 @@ def test_seed_plan_inverts_the_committed_interval():
     n = plan.seeds_needed(sd, 0.02, 0.05, 50)
     assert plan.mde(sd, n) <= 0.02 < plan.mde(sd, n - 1)
     assert plan.seeds_needed(sd, 1e-6, 0.05, 10) is None
+
+
+def test_pair_seeds_are_replicates(tmp_path):
+    """A sweep over model.bootstrap.seed (independently bootstrapped pairs) x seed: one cell per recipe, whose
+    replicates are (pair seed, run seed); the teacher varies with the pair, so its row has an interval over
+    the 4 replicates, and claims pair a run with the teacher of its own pair."""
+    sweep = tmp_path / "multirun" / "math_main"
+    for pair_seed in (0, 1):
+        for seed in (0, 1):
+            ov = ["recipe=ours", "mask.enabled=False", "model=tiny", f"model.bootstrap.seed={pair_seed}",
+                  f"seed={seed}", "experiment=math_main"]
+            cfg = base_config("math_main", seed, **{"model.bootstrap.seed": pair_seed})
+            make_run(sweep, ov, cfg, results=results_for(0.5 + 0.1 * pair_seed + 0.01 * seed,
+                                                         teacher=0.8 + 0.1 * pair_seed))
+    runs = [runs_mod.load_run(p) for p in runs_mod.find_run_dirs([str(sweep)])]
+    assert len({r.cell for r in runs}) == 1 and len({r.replicate for r in runs}) == 4
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "main.csv")
+    teacher = row(table, "Teacher", "id")
+    assert (teacher["n"], teacher["mean"]) == (4, pytest.approx(0.85)) and teacher["ci_lo"] < 0.8
+    assert row(table, "Ours w/o mask", "id")["n"] == 4

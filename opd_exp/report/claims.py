@@ -93,12 +93,12 @@ class ClaimResult:
 
 
 def values_by_seed(runs: list, who: str, key: str) -> dict[Any, float]:
-    """seed -> the mean of ``key`` over the runs of that seed (one value per seed)."""
+    """replicate (pair seed, run seed) -> the mean of ``key`` over its runs (one value per replicate)."""
     by_seed: dict[Any, list[float]] = defaultdict(list)
     for run in runs:
         value = run.results.get(f"{who}/{key}")
         if value is not None:
-            by_seed[run.seed].append(float(value))
+            by_seed[run.replicate].append(float(value))
     return {seed: sum(v) / len(v) for seed, v in by_seed.items()}
 
 

@@ -18,7 +18,8 @@ from opd_exp import rundir
 
 FINISHED = rundir.FINISHED
 # device and threads change the numbers (opd_exp's sweep dirs keep them apart too): they are part of a cell
-NOT_CELL_KEYS = {"seed", "experiment", "overwrite", "wandb.enabled", "wandb.mode"}
+# a cell pools its replicates: run seeds, and independently bootstrapped pairs (model.bootstrap.seed)
+NOT_CELL_KEYS = {"seed", "model.bootstrap.seed", "experiment", "overwrite", "wandb.enabled", "wandb.mode"}
 NOT_RUN = "not run"  # the status of a planned cell with no run dir holding a result
 REJECTED = "rejected"  # the status of a run dir whose metrics.jsonl is not one writer's log
 
@@ -74,6 +75,13 @@ class Run:
     @property
     def seed(self) -> Any:
         return first_set(self.summary.get("seed"), self.config.get("seed"), self.overrides.get("seed"))
+
+    @property
+    def replicate(self) -> tuple:
+        """(pair seed, run seed): the unit of replication that tables and claims pair and average over. A
+        sweep over ``model.bootstrap.seed`` trains on independently bootstrapped pairs, so a verdict is not
+        conditional on one pair; a checkpoint pair has no pair seed (None)."""
+        return self.lookup("model.bootstrap.seed"), self.seed
 
     @property
     def experiment(self) -> str:

@@ -103,13 +103,14 @@ def split_names(runs: list[Run]) -> list[str]:
 
 
 def who_values(runs: list[Run], who: str, split: str, metric: str) -> list[float]:
-    """One value per seed: student_after per run; teacher / student_before averaged over the runs of a seed."""
+    """One value per replicate (pair seed, run seed): student_after per run; teacher / student_before averaged
+    over the runs of a replicate."""
     key = f"{who}/{split}/{metric}"
     by_seed: dict[Any, list[float]] = defaultdict(list)
     for i, run in enumerate(runs):
         value = run.results.get(key)
         if value is not None:
-            by_seed[run.seed if who != "student_after" else (run.seed, i)].append(float(value))
+            by_seed[run.replicate if who != "student_after" else (run.replicate, i)].append(float(value))
     return [sum(v) / len(v) for v in by_seed.values()]
 
 
