@@ -136,11 +136,15 @@ def check(cfg) -> list[str]:
     """Run every part of the module docstring's list; returns the mismatches."""
     import torch
 
+    from opd_exp.config.validation import ConfigError
     from opd_exp.models.audit import audit_tokenizers, pair_probes
     from opd_exp.models.pair import load_pair, masked_token_ids
     from opd_exp.tasks.base import make_task
     from opd_exp.train.loop import pick_device
 
+    if cfg.model.teacher_server is not None:  # the check samples from the teacher and sizes it: it must load here
+        raise ConfigError("model.teacher_server", f"got {cfg.model.teacher_server!r}; opd-exp-check loads the "
+                          "teacher itself, allowed: null (model.teacher_server=null eval.teacher=true)")
     problems: list[str] = []
     device = pick_device(cfg.device)
     if cfg.threads:

@@ -6,8 +6,9 @@
 #   scripts/reproduce_paper.sh                       # every experiment at the default scale (tiny pair, CPU)
 #   scripts/reproduce_paper.sh math_main             # one experiment (several names are fine)
 #   SCALE=smoke scripts/reproduce_paper.sh           # a 2-step run of every cell: checks the plumbing in minutes
-#   SCALE=real STUDENT_PATH=/models/Qwen2.5-7B-Instruct TEACHER_PATH=/models/OpenThinker3-7B \
-#     DATASET_PATH=/data/dapo_math_17k.jsonl LAUNCHER=slurm_gpu scripts/reproduce_paper.sh math_main
+#   SCALE=real NPROC=8 scripts/reproduce_paper.sh math_main      # the paper's pair and data on 8 GPUs (FSDP)
+#   SCALE=real STUDENT_PATH=/models/Qwen2.5-7B-Instruct TEACHER_SERVER=http://teacher:8000 \
+#     scripts/reproduce_paper.sh math_main                          # local student copy, teacher served by vLLM
 #   LAUNCHER=basic scripts/reproduce_paper.sh        # one cell at a time (default: local_parallel at the
 #                                                    # default and smoke scales, 2 cells x 1 torch thread)
 #   DRY_RUN=1 scripts/reproduce_paper.sh             # print the commands only
@@ -19,14 +20,21 @@
 #            Sweeps go to multirun/<experiment>/, reports to results/<experiment>/ (committed).
 #   smoke    + train.steps=2, 8 eval prompts, a 1-layer pair: multirun/smoke/<experiment>/ and
 #            outputs/smoke/results/<experiment>/ (not committed).
-#   real     the paper's GPU recipe (Setup in shared/paper/PAPER.md): a pretrained pair from STUDENT_PATH and
-#            TEACHER_PATH (Hugging Face checkpoint dirs), bf16 on cuda, K = 32, 16 prompts x 8 rollouts a step,
-#            PPO mini-batch 64, lr 2e-6, 400 steps, 16384-token responses, avg@32, prompts from DATASET_PATH
-#            (JSONL of {question, answer}). Sweeps go to multirun/real/<experiment>/, reports to
-#            results/real/<experiment>/. The paper used 8 H100s per run (FSDP, vLLM rollouts): this suite's
-#            loop is single-device, so a 7B pair needs one large GPU per cell (LAUNCHER=slurm_gpu) and days.
-#            ablation_k_topp keeps its recipes' K grid (sized for the tiny pair's 30-token vocabulary). Every
-#            method uses the paper's lr 2e-6, so lr_tune is skipped at this scale.
+#   real     the paper's GPU recipe (Setup in shared/paper/PAPER.md): model=paper_math (Qwen2.5-7B-Instruct
+#            student, OpenThinker3-7B teacher, hub ids; STUDENT_PATH / TEACHER_PATH point at local copies),
+#            task=benchmark (DAPO-Math-17K train; MATH-500, AIME24, AIME25 (avg@32), Minerva, OlympiadBench: the
+#            paper's five, AMC left out), bf16 on cuda, K = 32, 16 prompts x 8 rollouts a step, PPO mini-batch
+#            64, lr 2e-6, no warm-up, 400 steps, 16384-token responses, top-p 0.9 and T = 1 for rollouts and
+#            evaluation. BACKEND (default vllm) picks sampling.backend; TEACHER_SERVER (a `vllm serve
+#            <teacher> --max-logprobs 32` URL) scores the teacher off the training GPUs (eval.teacher=false then).
+#            NPROC > 1 runs each sweep under torchrun with the student sharded (train.parallel=fsdp), its cells
+#            one after another on all NPROC GPUs (the paper: 8 H100s per run); NPROC=1 (default) runs cells with
+#            LAUNCHER (e.g. slurm_gpu, one GPU per cell). Tables: math_main (T1), ablation_components (T3),
+#            ablation_support (T4), ablation_k_topp (F6), failure_modes; not multitask (T2: the ALFWorld teacher
+#            and task) nor the toy study (no model: its default-scale results stand). ablation_k_topp keeps its
+#            recipes' K grid (sized for the tiny pair's vocabulary). Every method uses the paper's lr 2e-6, so
+#            lr_tune is skipped. Sweeps go to multirun/real/<experiment>/, reports to results/real/<experiment>/.
+#            Expected wall time and memory: the README's GPU recipe (estimates).
 #
 # Re-running the script resumes: finished cells are skipped, failed and interrupted ones are re-run. Timings
 # are appended to <results root>/timings.tsv (experiment, part, seconds, exit code). lr_tune runs first; its
@@ -41,6 +49,7 @@ SCALE="${SCALE:-default}"
 if [ "$SCALE" = real ]; then LAUNCHER="${LAUNCHER:-}"; else LAUNCHER="${LAUNCHER:-local_parallel}"; fi
 DRY_RUN="${DRY_RUN:-0}"
 PYTHON="${PYTHON:-python}"
+NPROC="${NPROC:-1}"  # SCALE=real: GPUs per run (torchrun, the student sharded with FSDP2)
 
 # ----------------------------------------------------------------------------- what to run
 if [ "$#" -gt 0 ]; then
@@ -60,10 +69,8 @@ else
   done
   EXPERIMENTS+=(estimators_lr_tune estimators)
 fi
-if [ "$SCALE" = real ] && [ "$#" -eq 0 ]; then  # no lr tuning at the real scale: the paper's lr for every method
-  KEPT=()
-  for name in "${EXPERIMENTS[@]}"; do case "$name" in lr_tune|estimators_lr_tune) ;; *) KEPT+=("$name") ;; esac; done
-  EXPERIMENTS=("${KEPT[@]}")
+if [ "$SCALE" = real ] && [ "$#" -eq 0 ]; then  # the paper's math tables; the paper's lr for every method
+  EXPERIMENTS=(math_main ablation_components ablation_support ablation_k_topp failure_modes)
 fi
 for name in "${EXPERIMENTS[@]}"; do
   [ -f "conf/experiment/$name.yaml" ] || { echo "no conf/experiment/$name.yaml" >&2; exit 2; }
@@ -81,15 +88,16 @@ case "$SCALE" in
       task.n_train=64 eval.k=2 train.checkpoint_every=0
       "++model.bootstrap={teacher:{hidden_size:16,num_layers:1,num_heads:2,sft_steps:2},student:{hidden_size:16,num_layers:1,num_heads:2,sft_steps:2,sft_examples:16},eval_examples:4,progress:false}") ;;
   real)
-    : "${STUDENT_PATH:?SCALE=real needs STUDENT_PATH (student checkpoint dir, e.g. Qwen2.5-7B-Instruct)}"
-    : "${TEACHER_PATH:?SCALE=real needs TEACHER_PATH (teacher checkpoint dir, e.g. OpenThinker3-7B)}"
-    : "${DATASET_PATH:?SCALE=real needs DATASET_PATH (JSONL of {question, answer}, e.g. DAPO-Math-17K)}"
     SWEEP_ROOT=multirun/real; RESULTS_ROOT=results/real
-    SCALE_OVERRIDES=(model.kind=pretrained model.name=qwen2.5-7b_openthinker3-7b
-      "model.student_path=$STUDENT_PATH" "model.teacher_path=$TEACHER_PATH" model.dtype=bfloat16 device=cuda
-      "task.dataset_path=$DATASET_PATH" train.steps=400 train.prompts_per_step=16
-      sampling.rollouts_per_prompt=8 train.mini_batch_size=64 train.lr=2.0e-6 sampling.max_new_tokens=16384
-      eval.max_new_tokens=16384 eval.k=32 eval.batch_size=32) ;;
+    SCALE_OVERRIDES=(model=paper_math task=benchmark "~task.eval_splits.amc" model.dtype=bfloat16 device=cuda
+      train.steps=400 train.prompts_per_step=16 sampling.rollouts_per_prompt=8 train.mini_batch_size=64
+      train.lr=2.0e-6 train.warmup_steps=0 sampling.temperature=1.0 sampling.top_p=0.9
+      sampling.max_new_tokens=16384 eval.temperature=1.0 eval.top_p=0.9 eval.max_new_tokens=16384
+      eval.batch_size=32 "sampling.backend=${BACKEND:-vllm}")
+    [ -n "${STUDENT_PATH:-}" ] && SCALE_OVERRIDES+=("model.student_path=$STUDENT_PATH")
+    [ -n "${TEACHER_PATH:-}" ] && SCALE_OVERRIDES+=("model.teacher_path=$TEACHER_PATH")
+    [ -n "${TEACHER_SERVER:-}" ] && SCALE_OVERRIDES+=("model.teacher_server=$TEACHER_SERVER" eval.teacher=false)
+    [ "$NPROC" -gt 1 ] && SCALE_OVERRIDES+=(train.parallel=fsdp) ;;
   *)
     echo "SCALE must be default, smoke or real (got '$SCALE')" >&2; exit 2 ;;
 esac
@@ -103,7 +111,8 @@ exclude_keys() {
   for o in "${SCALE_OVERRIDES[@]}"; do
     case ",$base$extra," in *",${o%%=*},"*) ;; *) extra+=",${o%%=*}" ;; esac
   done
-  echo "hydra.job.config.override_dirname.exclude_keys=[${base}${extra//+/}]"
+  extra="${extra//+/}"
+  echo "hydra.job.config.override_dirname.exclude_keys=[${base}${extra//\~/}]"
 }
 
 # ----------------------------------------------------------------------------- run
@@ -133,7 +142,12 @@ for name in "${EXPERIMENTS[@]}"; do
     # K = 32 is the paper's support; F6's recipes set their own K, which a command-line value would override
     [ "$SCALE" = real ] && [ "$name" != ablation_k_topp ] && args+=(++estimator.top_k=32)
   fi
-  run_part "$name" sweep "$PYTHON" -m opd_exp "${args[@]}"
+  if [ "$NPROC" -gt 1 ]; then  # every cell on all NPROC GPUs, one after another (Hydra's basic launcher)
+    run_part "$name" sweep "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m opd_exp \
+      "${args[@]}"
+  else
+    run_part "$name" sweep "$PYTHON" -m opd_exp "${args[@]}"
+  fi
   case "$name" in
     toy_gamma|toy_exact) ;;  # one report for both toy sweeps, below
     *) run_part "$name" report "$PYTHON" -m opd_exp.report.cli "$SWEEP_ROOT/$name" --out "$RESULTS_ROOT/$name" ;;

@@ -140,3 +140,27 @@ def test_reproduce_script_dry_run_names_each_sweep_and_report():
     assert "-m opd_exp experiment=math_main hydra.sweep.dir=multirun/smoke/math_main" in out
     assert "-m opd_exp.report.cli multirun/smoke/lr_tune --out outputs/smoke/results/lr_tune" in out
     assert "model.bootstrap]" in out  # the scale's keys are left out of the cells' dir names
+
+
+def test_reproduce_script_real_scale_runs_the_paper_setup_and_each_sweep_validates():
+    """SCALE=real NPROC=2: the paper's math tables, each sweep under torchrun with the student sharded, on
+    model=paper_math task=benchmark at the paper's settings; each sweep's first cell composes and validates with
+    them (the scale's overrides take precedence over a sweep's own model, as on the command line)."""
+    script = CONF.parent / "scripts" / "reproduce_paper.sh"
+    env = {**os.environ, "DRY_RUN": "1", "SCALE": "real", "NPROC": "2", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    sweeps = [line.split()[1:] for line in out.splitlines() if line.startswith("+ ") and " -m opd_exp " in line]
+    names = [next(a for a in argv if a.startswith("experiment=")).split("=")[1] for argv in sweeps]
+    assert names == ["math_main", "ablation_components", "ablation_support", "ablation_k_topp", "failure_modes"]
+    for name, argv in zip(names, sweeps, strict=True):
+        assert argv[:5] == [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+        cli = [a for a in argv[argv.index("opd_exp") + 1:] if not a.startswith("hydra")]
+        cli_keys = {a.lstrip("+~").split("=")[0] for a in cli}
+        cell = sweep_cells(name)[0]
+        cfg = run_config(composed([c for c in cell if c.split("=")[0] not in cli_keys] + cli))
+        assert (cfg.model.name, cfg.task.name, cfg.train.parallel) == ("paper_math", "benchmark", "fsdp")
+        assert (cfg.train.steps, cfg.train.lr, cfg.sampling.max_new_tokens, cfg.sampling.backend) == (
+            400, 2e-6, 16384, "vllm")
+        assert sorted(cfg.task.eval_splits) == ["aime24", "aime25", "math500", "minerva", "olympiadbench"]
+        assert cfg.estimator.top_k == 32 or name == "ablation_k_topp"  # F6 sweeps its own K

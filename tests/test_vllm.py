@@ -3,6 +3,7 @@ GPU are present (skipped cleanly elsewhere)."""
 
 from __future__ import annotations
 
+import sys
 import types
 
 import pytest
@@ -37,6 +38,59 @@ def test_sampled_logprobs_reads_the_sampled_token():
 
 def test_registered_lazily():
     assert isinstance(make_backend("vllm"), VLLMBackend)  # no vllm import until the first generate
+
+
+def fake_vllm(calls: list) -> types.ModuleType:
+    """The parts of the ``vllm`` module the backend uses, recording every call; each sample is ids [3, 9] with
+    the log-probs an engine in processed_logprobs mode would return."""
+    class LLM:
+        def __init__(self, **kwargs):
+            calls.append(("init", kwargs))
+
+        def apply_model(self, fn):
+            engine_model = types.SimpleNamespace(
+                load_weights=lambda weights: calls.append(("load", {n: t.clone() for n, t in weights})))
+            fn(engine_model)
+
+        def reset_prefix_cache(self):
+            calls.append(("reset",))
+
+        def generate(self, prompts, params, use_tqdm):
+            calls.append(("generate", params))
+            step = lambda tok, lp: {tok: types.SimpleNamespace(logprob=lp)}  # noqa: E731
+            sample = types.SimpleNamespace(token_ids=[3, 9], logprobs=[step(3, -0.5), step(9, -0.25)])
+            return [types.SimpleNamespace(outputs=[sample] * params.n) for _ in prompts]
+
+    module = types.ModuleType("vllm")
+    module.LLM, module.SamplingParams, module.TokensPrompt = LLM, types.SimpleNamespace, dict
+    return module
+
+
+def test_each_generate_syncs_the_current_student_then_drops_the_prefix_cache(monkeypatch):
+    """One engine, created in processed_logprobs mode; before every generate the student's current parameters
+    are loaded and the KV blocks cached under the old ones are dropped (stale prompts otherwise)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    calls: list = []
+    monkeypatch.setitem(sys.modules, "vllm", fake_vllm(calls))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    backend, sampling = VLLMBackend(), SamplingConfig(max_new_tokens=4, rollouts_per_prompt=2, top_p=0.9)
+    for _ in range(2):
+        ro = backend.generate(model, [[1, 2]], sampling, stop_ids=[9], pad_id=0, vocab_size=12)
+        with torch.no_grad():
+            model.lm_head.weight.add_(1.0)  # an optimizer step
+    names = [c[0] for c in calls]
+    assert names == ["init", "load", "reset", "generate", "load", "reset", "generate"]
+    assert calls[0][1]["logprobs_mode"] == "processed_logprobs"
+    first, second = calls[1][1]["lm_head.weight"], calls[4][1]["lm_head.weight"]
+    torch.testing.assert_close(second - first, torch.ones_like(first))  # the second step saw the update
+    params = calls[3][1]
+    assert (params.top_p, params.logprobs, params.n) == (0.9, 0, 2)
+    assert params.allowed_token_ids == list(range(12))  # 16 rows, 12 ids: padded rows never sampled
+    assert ro.completion_ids_BT.tolist() == [[3, 9], [3, 9]]
+    torch.testing.assert_close(ro.sample_logprobs_BT, torch.tensor([[-0.5, -0.25], [-0.5, -0.25]]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="vLLM needs a CUDA GPU")

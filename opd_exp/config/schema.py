@@ -152,6 +152,9 @@ class ModelConfig:
     lora_alpha: float = spec(16.0, "LoRA scale numerator (scale = lora_alpha / lora_rank)", gt=0.0)
     lora_target_modules: list[str] | None = spec(None, "module names that get adapters (null = every linear "
                                                  "layer but the output head)")
+    teacher_server: str | None = spec(None, "URL of a vLLM OpenAI-compatible server that scores the teacher "
+                                      "(top-K prompt_logprobs; start it with --max-logprobs >= K): the teacher "
+                                      "then never loads here (opd_exp/models/teacher_server.py); null = local")
 
 
 @dataclass
@@ -186,6 +189,10 @@ class TrainConfig:
     diag_every: int = spec(5, "log failure-mode diagnostics (diag/) every N steps (0 = off)", ge=0)
     diag_top_k: int = spec(32, "teacher top-K used by the diagnostics (capped at the vocabulary)", ge=1)
     max_nonfinite: int = spec(5, "consecutive non-finite updates before the run stops as diverged", ge=1)
+    parallel: str = spec("ddp", "how torchrun's processes share the student: ddp = a whole copy per rank, "
+                         "gradients averaged (opd_exp/train/distributed.py); fsdp = sharded over the ranks with "
+                         "FSDP2 (opd_exp/train/fsdp.py; the teacher stays replicated); one process: ddp only",
+                         choices=["ddp", "fsdp"])
 
 
 @dataclass
@@ -270,6 +277,16 @@ def check_cross_fields(cfg: RunConfig) -> None:
             if getattr(cfg.model, name):
                 raise ConfigError(f"model.{name}", f"got {getattr(cfg.model, name)!r}, only used when "
                                   f"model.kind=pretrained (model.kind is {cfg.model.kind!r})")
+    if cfg.sampling.backend == "vllm" and cfg.model.lora_rank:
+        raise ConfigError("model.lora_rank", f"got {cfg.model.lora_rank} with sampling.backend=vllm, allowed: 0 "
+                          "(the engine is synced with the student's full weights; adapters are not merged)")
+    server = cfg.model.teacher_server
+    if server is not None and not server.startswith(("http://", "https://")):
+        raise ConfigError("model.teacher_server", f"got {server!r}, allowed: null or an http(s):// URL of a vLLM "
+                          "server (e.g. http://localhost:8000)")
+    if server is not None and cfg.eval.teacher:
+        raise ConfigError("eval.teacher", f"got true with model.teacher_server={server!r}, allowed: false (a served "
+                          "teacher scores responses; it is not evaluated here)")
     for name in cfg.model.teachers or {}:  # a teacher per task (the mix): only tasks a run can train on
         if name not in ("math", "agentic"):
             raise ConfigError(f"model.teachers.{name}", "unknown task; allowed values: math, agentic")

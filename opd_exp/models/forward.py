@@ -19,6 +19,7 @@ from opd_exp.objectives.head import LogitsHead
 
 # config attributes of architectures that transform logits after the output projection (soft-capping,
 # scaling): a head built from hidden states alone would silently differ from the model's logits
+CALL_COST = 256  # a forward call's fixed overhead, in padded-token equivalents (see length_groups)
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
 
@@ -31,12 +32,14 @@ def check_plain_head(model) -> None:
                              "output projection; opd-exp's chunked heads do not support it")
 
 
-def length_groups(prompt_len_B: list[int], response_len_B: list[int], call_cost: int = 256) -> list[list[int]]:
+def length_groups(prompt_len_B: list[int], response_len_B: list[int], call_cost: float = CALL_COST
+                  ) -> list[list[int]]:
     """Rows split into groups that each run as one forward trimmed to the group's longest prompt and response.
 
     Rows sorted by response length are cut into contiguous groups minimising
     sum_g n_g * (max_prompt_g + max_response_g) + call_cost * (groups - 1): the padded tokens a forward computes,
-    plus ``call_cost`` token-equivalents for each extra call (its fixed overhead). O(B^2) dynamic programme.
+    plus ``call_cost`` token-equivalents for each extra call (its fixed overhead); ``math.inf`` gives one group
+    (one forward, as a sharded model needs on every rank). O(B^2) dynamic programme.
     """
     order = sorted(range(len(response_len_B)), key=lambda i: (response_len_B[i], prompt_len_B[i]))
     n = len(order)
@@ -70,7 +73,7 @@ def _decoder_hidden(model, prompt_ids_BP, prompt_mask_BP, ids_BT, attention_mask
 
 def response_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, ids_BT: torch.Tensor,
                   attention_mask_BT: torch.Tensor, vocab_size: int, temperature: float = 1.0,
-                  call_cost: int = 256) -> LogitsHead:
+                  call_cost: float = CALL_COST) -> LogitsHead:
     """Run ``model``'s decoder over prompt + response and return its head at the T response positions.
 
     Position t of the head predicts ``ids_BT[:, t]`` (hidden state of the token before it). ``vocab_size``: the
@@ -113,7 +116,7 @@ def cache_kwarg(module) -> str:
 @torch.no_grad()
 def shared_prompt_head(model, prompt_ids_BP: torch.Tensor, prompt_mask_BP: torch.Tensor, ids_BT: torch.Tensor,
                        attention_mask_BT: torch.Tensor, prompt_index_B: torch.Tensor, vocab_size: int,
-                       temperature: float = 1.0, call_cost: int = 256) -> LogitsHead:
+                       temperature: float = 1.0, call_cost: float = CALL_COST) -> LogitsHead:
     """:func:`response_head` without gradient, each distinct prompt's forward run once.
 
     Rows with the same ``prompt_index_B`` share their prompt (B = prompts x rollouts): the U distinct prompts run

@@ -1,7 +1,7 @@
 """Load a (teacher, student) pair: the bootstrapped tiny default or any two ``save_pretrained`` checkpoints.
 
     pair = load_pair(cfg.model, cfg.task, device="cpu", dtype=torch.float32)
-    pair.teacher        # eval mode, requires_grad False
+    pair.teacher        # eval mode, requires_grad False (a ServedTeacher client with model.teacher_server)
     pair.student        # train mode
     pair.tokenizer      # the student's tokenizer (left padding): prompts and rollouts are in its ids
     pair.teacher_tokenizer   # the teacher's own tokenizer (the same object when the teacher dir has none)
@@ -36,6 +36,7 @@ import torch
 
 from opd_exp.config import ModelConfig, TaskConfig
 from opd_exp.config.validation import ConfigError
+from opd_exp.models.teacher_server import ServedTeacher
 
 log = logging.getLogger(__name__)
 HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -177,6 +178,8 @@ def pair_identity(model_cfg: ModelConfig, task_cfg: TaskConfig) -> dict[str, Any
     cache entry, weights sha256 and the bootstrap settings that change its weights (torch threads, precision,
     version; bootstrap.json), or a checkpoint pair's paths and revisions; the per-task teachers either way."""
     teachers = {"teachers": dict(model_cfg.teachers)} if model_cfg.teachers else {}
+    if model_cfg.teacher_server:
+        teachers["teacher_server"] = model_cfg.teacher_server
     if model_cfg.kind != "tiny":
         return {"teacher": model_cfg.teacher_path, "teacher_revision": model_cfg.teacher_revision,
                 "student": model_cfg.student_path, "student_revision": model_cfg.student_revision} | teachers
@@ -221,20 +224,27 @@ def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.
     if dtype is None or isinstance(dtype, str):
         dtype = DTYPES[dtype or model_cfg.dtype]
     teacher_dir, student_dir, tokenizer_dir = pair_paths(model_cfg, task_cfg)
+    served = model_cfg.teacher_server is not None
     check_checkpoint_dir(student_dir, "student")  # before the tokenizers: AutoTokenizer also reads config.json
-    check_checkpoint_dir(teacher_dir, "teacher")
+    if not served:
+        check_checkpoint_dir(teacher_dir, "teacher")
     tokenizer = load_tokenizer(tokenizer_dir, role="student")
-    teacher_tokenizer = load_tokenizer(teacher_dir, role="teacher") if has_tokenizer(teacher_dir) else tokenizer
     attn = model_cfg.attn_implementation
     student = load_checkpoint(student_dir, device, dtype, role="student", attn_implementation=attn)
-    teacher = load_checkpoint(teacher_dir, device, dtype, role="teacher", attn_implementation=attn)
     check_vocab(student, tokenizer, "student", student_dir)
-    check_vocab(teacher, teacher_tokenizer, "teacher", teacher_dir)
+    if served:  # scored by the server in the student's ids: nothing of the teacher loads here
+        log.warning("the teacher is served by %s: it must share the student's vocabulary (not audited)",
+                    model_cfg.teacher_server)
+        teacher, teacher_tokenizer = ServedTeacher(model_cfg.teacher_server), tokenizer
+    else:
+        teacher_tokenizer = load_tokenizer(teacher_dir, role="teacher") if has_tokenizer(teacher_dir) else tokenizer
+        teacher = load_checkpoint(teacher_dir, device, dtype, role="teacher", attn_implementation=attn)
+        check_vocab(teacher, teacher_tokenizer, "teacher", teacher_dir)
     teachers = {}
     for task, path in (model_cfg.teachers or {}).items():  # a task's own teacher shares the student's ids
         teachers[task] = load_checkpoint(path, device, dtype, role=f"teacher of task {task}", attn_implementation=attn)
         check_vocab(teachers[task], tokenizer, f"teacher of task {task}", Path(path).expanduser())
-    for model in [teacher, *teachers.values()]:
+    for model in [*([] if served else [teacher]), *teachers.values()]:
         model.eval()
         model.requires_grad_(False)
     if model_cfg.lora_rank:

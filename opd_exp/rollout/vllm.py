@@ -2,20 +2,28 @@
 
     sampling.backend=vllm          # opd-exp ... ; vllm is imported on the first generate, never before
 
-Per call: the student's current weights are loaded into the engine (``load_weights`` on the engine's model, so
-each step samples from the policy being trained), then ``LLM.generate`` samples ``n`` completions per prompt and
-the ragged outputs become one right-padded :class:`~opd_exp.rollout.base.Rollout` (:func:`to_rollout`).
+Per call (every training step, and every evaluation): the student's current weights are loaded into the
+engine (``load_weights`` on the engine's model, so each step samples from the policy being trained) and the
+engine's prefix cache is dropped (its KV blocks were computed with the previous weights, and vLLM would reuse
+them for every prompt it has seen: ``LLM.reset_prefix_cache``, as TRL does after each sync); then
+``LLM.generate`` samples ``n`` completions per prompt and the ragged outputs become one right-padded
+:class:`~opd_exp.rollout.base.Rollout` (:func:`to_rollout`). A sharded student (``train.parallel=fsdp``) is
+synced from inside ``opd_exp.train.fsdp.gathered``, where its parameters are whole on every rank.
 
 What the sampler's log-prob means. The HF backend records log p(token) under the distribution actually sampled:
 vocabulary slice, temperature, then top-p, renormalised over the nucleus. vLLM's default ``logprobs`` are the
-*raw* model log-probs (before temperature and top-p), which differ from the sampling distribution whenever
-T != 1 or p < 1; importance weights built from them are biased (the top-p issue TRL documents for its vLLM
-importance sampling). The engine is therefore created with ``logprobs_mode="processed_logprobs"``: log-probs
-after temperature and top-p, i.e. log-softmax over the kept support, the same quantity the HF backend records.
+*raw* model log-probs (before temperature and top-p). The engine is created with
+``logprobs_mode="processed_logprobs"`` (vLLM >= 0.10.2; engine args: "after applying all processors, including
+temperature and top_k/top_p"): log-softmax over the kept support, log(p_t / S) with S the nucleus' mass, the
+same quantity the HF backend records. The known TRL bug (huggingface/trl#6789, fixed by trl#7269) is a ratio of
+a *full-vocabulary* trainer log-prob to these renormalised ones, which carries a spurious factor S into every
+importance weight. Here no ratio mixes the two: PPO's ratio uses pi_old recomputed by the student over the full
+vocabulary (opd_exp/train/collect.py), and the one consumer of the sampler log-probs, the sampled-token tail of
+``topk_rkl`` (``tail=sampled_is``), needs exactly the density the token was drawn from, the renormalised one.
 Ids at or beyond ``vocab_size`` (padded embedding rows) are excluded with ``allowed_token_ids``.
 
-Not here yet (see the README's GPU recipe): a teacher scored by a vLLM server's top-K ``prompt_logprobs``
-(which needs ``max_logprobs`` >= K; vLLM's default cap is 20); the teacher is scored locally, chunked.
+The teacher is scored locally (chunked) or by a vLLM server (``model.teacher_server``,
+opd_exp/models/teacher_server.py).
 """
 
 from __future__ import annotations
@@ -86,9 +94,17 @@ class VLLMBackend:
 
     def sync_weights(self, model) -> None:
         """Load the student's current parameters into the engine (``LLM.apply_model`` on the in-process engine;
-        vLLM >= 0.10.2 for it and for ``logprobs_mode``)."""
-        weights = [(name, p.detach()) for name, p in model.state_dict().items()]
-        self._engine(model).apply_model(lambda engine_model: engine_model.load_weights(weights))
+        vLLM >= 0.10.2 for it and for ``logprobs_mode``), then drop the KV blocks cached with the old ones.
+
+        ``named_parameters``, not ``state_dict``: inside ``fsdp.gathered`` a sharded student's parameters are
+        whole, while its ``state_dict`` hook returns the shards (and reshards the student)."""
+        weights = [(name, p.detach()) for name, p in model.named_parameters()]
+        if any(hasattr(p, "full_tensor") for _, p in weights):
+            raise RuntimeError("sync_weights got DTensor shards: sample a sharded student inside "
+                               "opd_exp.train.fsdp.gathered(student)")
+        llm = self._engine(model)
+        llm.apply_model(lambda engine_model: engine_model.load_weights(weights))
+        llm.reset_prefix_cache()
 
     @torch.no_grad()
     def generate(self, model, prompts: list[list[int]], sampling: SamplingConfig, *, stop_ids: list[int],

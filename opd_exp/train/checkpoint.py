@@ -1,6 +1,7 @@
 """Training-state checkpoints: written atomically, holding everything a bit-exact resume needs.
 
-``<run_dir>/checkpoints/last.pt`` holds the student's weights, the optimizer and scheduler states, the RNG
+``<run_dir>/checkpoints/last.pt`` holds the student's weights (whole, also when the student is sharded over
+torchrun's ranks: gathered onto rank 0, which writes the file), the optimizer and scheduler states, the RNG
 states (torch, numpy, python), the next step (the data position: prompts of step s are a pure function of
 the run seed and s) and the loop's own state (the evaluation before training, counters).
 
@@ -18,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from opd_exp.train import fsdp
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
 KEYS = ("step", "model", "optimizer", "scheduler", "rng", "loop_state")
@@ -40,11 +43,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: str | Path, *, step: int, model, optimizer, scheduler, loop_state: dict) -> Path:
-    """Write the checkpoint to a temp file and rename it over ``last.pt`` (a kill never leaves half a file)."""
+def save(run_dir: str | Path, *, step: int, model_state: dict, optimizer_state: dict, scheduler,
+         loop_state: dict) -> Path:
+    """Write the checkpoint to a temp file and rename it over ``last.pt`` (a kill never leaves half a file).
+    ``model_state``, ``optimizer_state``: from :func:`train_states`."""
     path = Path(run_dir) / CHECKPOINT
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+    payload = {"step": step, "model": model_state, "optimizer": optimizer_state,
                "scheduler": scheduler.state_dict(), "rng": rng_state(), "loop_state": loop_state}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".last.", suffix=".tmp")
     try:
@@ -80,11 +85,25 @@ def load(run_dir: str | Path) -> dict | None:
     return ckpt
 
 
+def train_states(model, optimizer) -> tuple[dict, dict]:
+    """The model's and the optimizer's state dicts as a checkpoint holds them. A sharded model's (FSDP2) are
+    gathered whole onto rank 0 (a collective: every rank calls it; the other ranks get empty dicts), so its
+    model weights have the keys and shapes of the unsharded model; its optimizer state is keyed by parameter
+    name (``torch.distributed.checkpoint.state_dict``), so it resumes only under ``train.parallel=fsdp``."""
+    if fsdp.is_sharded(model):
+        return fsdp.full_states(model, optimizer)
+    return model.state_dict(), optimizer.state_dict()
+
+
 def restore(ckpt: dict, *, model, optimizer, scheduler) -> None:
-    """Load every state of ``ckpt`` (from :func:`load`) in place; a mismatch raises :class:`CheckpointError`."""
+    """Load every state of ``ckpt`` (from :func:`load`) in place; a mismatch raises :class:`CheckpointError`.
+    A sharded model takes its shard of the whole weights and optimizer state (every rank calls it)."""
     try:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if fsdp.is_sharded(model):
+            fsdp.load_full_states(model, optimizer, ckpt["model"], ckpt["optimizer"])
+        else:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         set_rng_state(ckpt["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:  # another model's weights, a changed config

@@ -4,8 +4,9 @@
 
 The policy samples (the student, or the teacher for off-policy ``seq_kd``); the student scores its own tokens
 at the sampling temperature (pi_old, for PPO ratios); the teacher scores them at temperature 1 (the target),
-keeping exactly what the objective's ``Needs`` ask for, (B, T, K) at most. Forwards run ``chunk_rows`` rows at
-a time and logits ``chunk_size`` positions at a time: no (B, T, V) tensor exists.
+keeping exactly what the objective's ``Needs`` ask for, (B, T, K) at most; a served teacher
+(``model.teacher_server``) returns its top-K over HTTP instead (opd_exp/models/teacher_server.py). Forwards
+run ``chunk_rows`` rows at a time and logits ``chunk_size`` positions at a time: no (B, T, V) tensor exists.
 
 Caveat (the paper's failure mode 3, arXiv 2603.25562 Sec. 4.3): the teacher scores the *student's* token ids,
 which assumes both tokenizers agree on them; the audit (opd_exp/models/audit.py) checks that before training.
@@ -19,11 +20,13 @@ import torch
 
 from opd_exp.config import RunConfig
 from opd_exp.models.forward import shared_prompt_head
+from opd_exp.models.teacher_server import ServedTeacher
 from opd_exp.objectives import Batch, Needs, TeacherScores
 from opd_exp.objectives.kernels import selected_logprobs, token_stats
 from opd_exp.objectives.masks import entropy_top_q_mask, special_token_mask_BT
 from opd_exp.rollout import Rollout, RolloutBackend, stop_ids
 from opd_exp.rollout.multiturn import play
+from opd_exp.train import fsdp
 
 
 @dataclass
@@ -115,19 +118,24 @@ def collect(pair, prompts: list[list[int]], cfg: RunConfig, needs: Needs, backen
     V, chunk = pair.vocab_size, cfg.estimator.chunk_size
     policy = pair.student if needs.rollout_policy == "student" else pair.teacher
     tok = pair.tokenizer
-    if episodes is None:
-        ro = backend.generate(policy, prompts, cfg.sampling, stop_ids=stop_ids(policy, tok),
-                              pad_id=tok.pad_token_id, vocab_size=V)
-    else:
-        ro, _ = play(backend, policy, tok, prompts, episodes, cfg.sampling, stop_ids=stop_ids(policy, tok),
-                     pad_id=tok.pad_token_id, vocab_size=V, max_turns=cfg.task.max_turns,
-                     max_action_tokens=cfg.task.max_action_tokens)
     diag_k = min(diag_top_k, V)
-    old_logprobs_BT, entropy_BT, old_topk_BTK = score_student_old(
-        pair.student, ro, V, cfg.sampling.temperature, max(needs.student_topk, diag_k), chunk_rows, chunk)
+    with fsdp.gathered(pair.student):  # sharded: ranks sample and score their own rows, lengths and all
+        if episodes is None:
+            ro = backend.generate(policy, prompts, cfg.sampling, stop_ids=stop_ids(policy, tok),
+                                  pad_id=tok.pad_token_id, vocab_size=V)
+        else:
+            ro, _ = play(backend, policy, tok, prompts, episodes, cfg.sampling, stop_ids=stop_ids(policy, tok),
+                         pad_id=tok.pad_token_id, vocab_size=V, max_turns=cfg.task.max_turns,
+                         max_action_tokens=cfg.task.max_action_tokens)
+        old_logprobs_BT, entropy_BT, old_topk_BTK = score_student_old(
+            pair.student, ro, V, cfg.sampling.temperature, max(needs.student_topk, diag_k), chunk_rows, chunk)
     student_topk = old_topk_BTK[..., :needs.student_topk] if needs.student_topk else None
     k_teacher = max(needs.teacher_topk, diag_k)
-    teacher = score_teacher(pair.teacher, ro, needs, V, k_teacher, student_topk, chunk_rows, chunk)
+    if isinstance(pair.teacher, ServedTeacher):  # model.teacher_server: top-K prompt_logprobs over HTTP
+        teacher = pair.teacher.score(ro.prompt_ids_BP, ro.prompt_mask_BP, ro.completion_ids_BT,
+                                     ro.completion_mask_BT, k_teacher, V)
+    else:
+        teacher = score_teacher(pair.teacher, ro, needs, V, k_teacher, student_topk, chunk_rows, chunk)
     probe = StepProbe(entropy_BT=entropy_BT)
     if diag_k:
         probe.student_topk_ids_BTK = old_topk_BTK[..., :diag_k]

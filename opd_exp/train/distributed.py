@@ -13,11 +13,16 @@ Without torchrun (WORLD_SIZE unset) every helper here is a no-op and the run is 
 from __future__ import annotations
 
 import atexit
+import datetime
 import hashlib
 import os
 
 import torch
 import torch.distributed as dist
+
+# how long a rank waits at a collective: rank 0 evaluates alone while the others wait at their next one, which
+# takes hours for a 7B pair at 16k-token responses (the README's GPU recipe), past torch's default 10-30 min
+WAIT = datetime.timedelta(hours=24)
 
 
 def world_size() -> int:
@@ -37,7 +42,7 @@ def init() -> None:
     over gloo; on a CUDA machine CUDA tensors go over NCCL, set up lazily (a CPU run there never touches it)."""
     if world_size() == 1 or dist.is_initialized():
         return
-    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
     atexit.register(dist.destroy_process_group)
 
 
@@ -116,10 +121,13 @@ def all_reduce_mean(metrics: dict[str, float], summed: tuple[str, ...] = (),
 
 
 def check_in_sync(model: torch.nn.Module) -> str:
-    """The weights' sha1, printed by every rank; raises if the ranks' weights differ (a no-op for one process)."""
+    """The replicated weights' sha1, printed by every rank; raises if the ranks' differ (a no-op for one process).
+    A sharded student's (FSDP2) DTensor shards differ by design and are left out: its replicated output head is
+    compared."""
     if world_size() == 1:
         return ""
-    flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()])
+    flat = torch.cat([p.detach().reshape(-1).float().cpu() for p in model.parameters()
+                      if not hasattr(p, "full_tensor")])
     digest = hashlib.sha1(flat.numpy().tobytes()).hexdigest()[:16]
     print(f"[opd-exp] rank {rank()}/{world_size()}: weights sha1 {digest}", flush=True)
     if len(set(gather(digest))) > 1:

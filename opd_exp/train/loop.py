@@ -7,7 +7,9 @@
 
 A run resumes bit-exactly from its last checkpoint; SIGTERM checkpoints and exits with status "interrupted";
 non-finite losses or gradients skip the update. Under torchrun the loop runs data-parallel: prompts sharded
-across ranks, gradients averaged, rank 0 writing (opd_exp/train/distributed.py).
+across ranks, gradients averaged, rank 0 writing (opd_exp/train/distributed.py); with ``train.parallel=fsdp``
+the student's weights, gradients and AdamW state are sharded too (opd_exp/train/fsdp.py), and every
+evaluation runs on its gathered weights.
 """
 
 from __future__ import annotations
@@ -31,10 +33,11 @@ from opd_exp.config import RunConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.models.audit import audit_tokenizers, check_pair_compatible, pair_probes
 from opd_exp.models.pair import ModelPair, cache_root, load_pair, masked_token_ids, pair_identity, pair_paths
+from opd_exp.models.teacher_server import unservable
 from opd_exp.objectives import ESTIMATORS
 from opd_exp.rollout import make_backend
 from opd_exp.tasks.base import Task, episode_makers, make_task, step_task
-from opd_exp.train import checkpoint, distributed, probe
+from opd_exp.train import checkpoint, distributed, fsdp, probe
 from opd_exp.train.diagnostics import save_raw_samples
 from opd_exp.train.evaluate import EVAL_BACKEND, evaluate_model
 from opd_exp.train.step import train_step
@@ -69,12 +72,34 @@ def check_against_vocab(cfg: RunConfig, vocab_size: int) -> None:
 
 
 def check_against_world(cfg: RunConfig, world: int) -> None:
-    """Data-parallel runs split each step's prompts and each mini-batch evenly across the ranks."""
+    """Data-parallel runs split each step's prompts and each mini-batch evenly across the ranks; a sharded
+    student needs several ranks, and every rank in each of its forwards (the gradient probe runs on rank 0)."""
+    if cfg.train.parallel == "fsdp" and world == 1:
+        raise ConfigError("train.parallel", "got 'fsdp' on one process, allowed: 'ddp' (or launch the run with "
+                                            "torchrun --nproc_per_node >= 2)")
+    if cfg.train.parallel == "fsdp" and cfg.estimator.probe_every:
+        raise ConfigError("estimator.probe_every", f"got {cfg.estimator.probe_every} with train.parallel=fsdp, "
+                                                   "allowed: 0 (the probe runs on rank 0 alone)")
     for field, n in (("train.prompts_per_step", cfg.train.prompts_per_step),
                      ("train.mini_batch_size", cfg.train.mini_batch_size)):
         if n % world:
             raise ConfigError(field, f"got {n}, allowed: a multiple of the {world} data-parallel processes "
                                      "(torchrun --nproc_per_node)")
+
+
+def check_served_teacher(cfg: RunConfig) -> None:
+    """A served teacher (``model.teacher_server``) gives the sampled tokens' log-probs and its own top-K only."""
+    url = cfg.model.teacher_server
+    if url is None:
+        return
+    why = unservable(ESTIMATORS[cfg.estimator.name].needs(cfg.estimator))
+    if why is not None:
+        raise ConfigError("model.teacher_server", f"got {url!r} with estimator.name={cfg.estimator.name!r}, which "
+                          f"{why}; allowed: null (the teacher scored here), or an objective reading only the "
+                          "teacher's sampled-token log-probs or its top-K (e.g. sampled_token, topk_rkl)")
+    if cfg.estimator.probe_every:
+        raise ConfigError("estimator.probe_every", f"got {cfg.estimator.probe_every} with model.teacher_server, "
+                          "allowed: 0 (the probe scores every objective, full-vocabulary ones included)")
 
 
 def prompts_for_step(n_pool: int, seed: int, step: int, n: int) -> list[int]:
@@ -200,6 +225,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         torch.set_num_threads(cfg.threads)
     distributed.init()
     check_against_world(cfg, distributed.world_size())
+    check_served_teacher(cfg)
     seed_everything(cfg.seed + 100003 * distributed.rank())  # each rank samples its own rollouts
     device = distributed.local_device(pick_device(cfg.device))
     with _StopFlag() as stop:  # from the start: a SIGTERM while loading is honoured after the first step
@@ -213,6 +239,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         backend = make_backend(cfg.sampling.backend)
         student = pair.student
         student.train()
+        if cfg.train.parallel == "fsdp":  # before the optimizer: it holds the sharded parameters
+            fsdp.shard_model(student, device.type)
         optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         scheduler = make_scheduler(optimizer, cfg)
 
@@ -225,7 +253,8 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                 checkpoint.set_rng_state(rng_ranks[distributed.rank()])
             print(f"[opd-exp] resuming {run_dir} at step {start}/{cfg.train.steps}")
         else:
-            before = evaluate_pair_before(pair, task, cfg) if distributed.is_main() else {}
+            with fsdp.gathered(student):  # a sharded student is evaluated on its full weights
+                before = evaluate_pair_before(pair, task, cfg) if distributed.is_main() else {}
             start, state = 0, {"before": before, "nonfinite_total": 0, "nonfinite_streak": 0}
         # data-parallel: rank 0 alone writes the run dir and evaluates (opd_exp.train.distributed)
         tracker = Tracker(run_dir, cfg, resume_step=start) if distributed.is_main() else _NoTracker()
@@ -233,9 +262,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
         def save(step: int) -> None:
             if distributed.world_size() > 1:  # every rank's sampling RNG, for a bit-exact resume
                 state["rng_ranks"] = distributed.gather(checkpoint.rng_state())
+            model_state, optimizer_state = checkpoint.train_states(student, optimizer)  # sharded: a collective
             if distributed.is_main():
-                checkpoint.save(run_dir, step=step, model=student, optimizer=optimizer, scheduler=scheduler,
-                                loop_state=state)
+                checkpoint.save(run_dir, step=step, model_state=model_state, optimizer_state=optimizer_state,
+                                scheduler=scheduler, loop_state=state)
 
         status = "completed"
         bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="opd", leave=False,
@@ -265,8 +295,10 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
             metrics["train/nonfinite_skips"] = float(state["nonfinite_total"])
             if n_skipped:
                 _warn_nonfinite(step, metrics, state["nonfinite_streak"], cfg.train.max_nonfinite)
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and distributed.is_main():
-                metrics |= _periodic_eval(pair, task, cfg)
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0:
+                with fsdp.gathered(student):
+                    if distributed.is_main():
+                        metrics |= _periodic_eval(pair, task, cfg)
             if (step + 1) % cfg.train.log_every == 0 or n_skipped or diag is not None:  # diag rows never dropped
                 tracker.log(step, metrics, time_s=time.time() - t0)
             bar.set_postfix(loss=f"{metrics.get('train/loss', float('nan')):.3f}",
@@ -286,11 +318,12 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
                 return {"status": "interrupted", "results": {}, "interrupted_at_step": done}
         save(cfg.train.steps if status == "completed" else step)
         distributed.check_in_sync(student)
-        if not distributed.is_main():
-            return {"status": status, "results": {}}
-        with fork_rng(device):
-            torch.manual_seed(cfg.task.data_seed + 1)
-            after = evaluate_model(student, pair.tokenizer, task, cfg.eval, task.eval_splits)
+        with fsdp.gathered(student):
+            if not distributed.is_main():
+                return {"status": status, "results": {}}
+            with fork_rng(device):
+                torch.manual_seed(cfg.task.data_seed + 1)
+                after = evaluate_model(student, pair.tokenizer, task, cfg.eval, task.eval_splits)
     results = dict(state["before"]) | {f"student_after/{k}": v for k, v in after.items()}
     results["train/nonfinite_skips"] = state["nonfinite_total"]
     tracker.log(cfg.train.steps, {f"eval/student_after/{k}": v for k, v in after.items() if "_ci" not in k})

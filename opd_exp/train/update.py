@@ -6,7 +6,8 @@ For each epoch, the batch's rows in a fresh random order, ``train.mini_batch_siz
 student's head at the response positions (temperature = the sampling temperature), the objective's loss,
 backward, gradient clipping, AdamW step. A non-finite loss or gradient norm skips that update (counted, with a
 summary of the offending mini-batch). Under torchrun each rank holds its share of every mini-batch and
-gradients are averaged before the step (opd_exp/train/distributed.py).
+gradients are averaged before the step (opd_exp/train/distributed.py), or, with the student sharded
+(``train.parallel=fsdp``), reduce-scattered by FSDP and clipped by the global norm (opd_exp/train/fsdp.py).
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from dataclasses import dataclass, field
 import torch
 
 from opd_exp.config import RunConfig
-from opd_exp.models.forward import response_head
+from opd_exp.models.forward import CALL_COST, response_head
 from opd_exp.objectives import Batch, EstimatorSpec, LossOutput
 from opd_exp.objectives.kernels import selected_logprobs
-from opd_exp.train import distributed
+from opd_exp.train import distributed, fsdp
 
 
 @dataclass
@@ -46,25 +47,23 @@ def update(student, batch: Batch, spec: EstimatorSpec, cfg: RunConfig, optimizer
         res.student_at_probe_BTK = torch.zeros(probe_ids_BTK.shape, dtype=torch.float32)
         res.advantages_BT = torch.zeros(batch.ids_BT.shape, dtype=torch.float32)
     totals: dict[str, float] = {}
+    sharded = fsdp.is_sharded(student)
     B, mb = len(batch), cfg.train.mini_batch_size // distributed.world_size()  # this rank's rows of a mini-batch
     for _ in range(cfg.train.ppo_epochs):
         order = torch.randperm(B)
         for start in range(0, B, mb):
             rows = order[start:start + mb]
             mini = batch.rows(rows, device)
+            # sharded: one forward per mini-batch on every rank (each sharded forward is a collective), not
+            # one per length group, whose count depends on the rank's rows
             head = response_head(student, mini.prompt_ids_BP, mini.prompt_mask_BP, mini.ids_BT,
-                                 mini.attention_mask_BT, vocab_size, cfg.sampling.temperature)
+                                 mini.attention_mask_BT, vocab_size, cfg.sampling.temperature,
+                                 call_cost=math.inf if sharded else CALL_COST)
             out = spec.loss(head, mini, cfg.estimator)
             if probe_ids_BTK is not None:
                 _probe(res, rows, head, probe_ids_BTK, out, cfg.estimator.chunk_size)
             optimizer.zero_grad(set_to_none=True)
-            ok, grad_norm = bool(torch.isfinite(out.loss)), float("nan")
-            if ok:
-                out.loss.backward()
-            ok = distributed.all_reduce_grads(student, ok)  # data-parallel: the ranks' mean gradient
-            if ok:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.train.max_grad_norm))
-                ok = math.isfinite(grad_norm)
+            ok, grad_norm = _backward(student, out.loss, cfg.train.max_grad_norm, sharded)
             if ok:
                 optimizer.step()
                 for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm, **out.metrics}.items():
@@ -76,6 +75,28 @@ def update(student, batch: Batch, spec: EstimatorSpec, cfg: RunConfig, optimizer
                 res.skipped = _nonfinite_summary(out, grad_norm, mini, res.skipped)
     res.metrics = {k: v / max(res.n_updates, 1) for k, v in totals.items()}
     return res
+
+
+def _backward(student, loss: torch.Tensor, max_grad_norm: float, sharded: bool) -> tuple[bool, float]:
+    """Backward, the ranks' mean gradient, clipping: (every rank may step, the gradient norm before clipping).
+
+    Data-parallel: a rank with a non-finite loss skips its backward and every rank skips the step together
+    (:func:`distributed.all_reduce_grads`). Sharded (FSDP2): every rank runs every backward (its reduce-scatters
+    are collectives; FSDP averages the sharded gradients), and a non-finite loss on any rank makes the global
+    norm non-finite on every rank, so all skip together."""
+    if sharded:
+        loss.backward()
+        fsdp.all_reduce_replicated_grads(student)
+        grad_norm = fsdp.clip_grad_norm(student, max_grad_norm)
+        return math.isfinite(grad_norm), grad_norm
+    ok, grad_norm = bool(torch.isfinite(loss)), float("nan")
+    if ok:
+        loss.backward()
+    ok = distributed.all_reduce_grads(student, ok)  # data-parallel: the ranks' mean gradient
+    if ok:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm))
+        ok = math.isfinite(grad_norm)
+    return ok, grad_norm
 
 
 @torch.no_grad()
