@@ -26,6 +26,7 @@ import yaml
 from opd_exp.report import cli as report
 from opd_exp.report import failure as failure_report
 from opd_exp.report import runs as runs_mod
+from opd_exp.report.stats import Stat
 
 ROWS, LENGTH = 4, 12  # responses per batch, tokens per response
 THINK_OPEN, THINK_CLOSE, END = 6, 7, 2  # ids of <think>, </think>, <|im_end|> in the tiny vocabulary
@@ -82,7 +83,10 @@ def make_run(root: Path, pair: str, cell: str, seed: int, loop: bool = False) ->
     run = root / f"{pair}-{cell}-{seed}"
     (run / "diag").mkdir(parents=True)
     config = {"experiment": "failure_modes", "runner": "opd", "seed": seed,
-              "model": {"name": pair, "kind": "tiny", "special_tokens": SPECIAL},
+              "model": {"name": pair, "kind": "tiny", "special_tokens": SPECIAL,
+                        "bootstrap": {"teacher": {"convention": {"end": "<|endoftext|>" if pair == "tiny_mismatch"
+                                                                 else "<|im_end|>"}},
+                                      "student": {"convention": {"end": "<|im_end|>"}}}},
               "estimator": {"name": estimator}, "sampling": {"top_p": top_p}, "mask": {"enabled": mask},
               "train": {"steps": 5}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))
@@ -173,13 +177,14 @@ def test_special_token_table(written):
 def test_verdicts(written):
     text = (written / "README.md").read_text()
     verdicts = text[text.index("## Verdicts"):text.index("## Figures")]
-    assert "Mode 3, special-token mismatch (tiny_mismatch)**: REPRODUCES" in verdicts
-    assert "Mode 3, special-token mismatch (tiny)**: does NOT reproduce" in verdicts
-    assert "Mode 1, imbalanced one-token signal (tiny)**: does NOT reproduce" in verdicts  # CI reaches < 0.5
-    assert "Mode 2, unreliable guidance on student prefixes (tiny)**: REPRODUCES" in verdicts
+    assert "Mode 3, special-token mismatch (tiny_mismatch)**: reproduces" in verdicts
+    # the matched pair shares one convention: a control, not a claim
+    assert "Mode 3, special-token mismatch (tiny)**: control (teacher and student share one convention" in verdicts
+    assert "Mode 1, imbalanced one-token signal (tiny)**: not significant (MDE " in verdicts  # CI reaches < 0.5
+    assert "Mode 2, unreliable guidance on student prefixes (tiny)**: reproduces" in verdicts
     assert "The fix removes it" in verdicts
     # mismatched pair, Ours: truncation 0.85 without the mask vs 0.133 with it, as low as the matched control
-    mismatch = verdicts[verdicts.index("(tiny_mismatch)**: REPRODUCES"):]
+    mismatch = verdicts[verdicts.index("(tiny_mismatch)**: reproduces"):]
     assert "masking removes it" in mismatch.split("\n- ")[0] + mismatch
 
 
@@ -193,8 +198,21 @@ def test_loop_example_or_a_plain_statement(written, tmp_path):
     assert not (tmp_path / "out" / "fig3_loop_example.png").exists()
 
 
+def test_mode2_without_loops_is_untestable_not_refuted(sweep, tmp_path, monkeypatch):
+    """Where mode 2's test does not reproduce, a pair none of whose responses loops (tiny) is untestable, not
+    refuted; a pair whose responses loop (tiny_mismatch) keeps the test's verdict."""
+    runs = [runs_mod.load_run(p) for p in runs_mod.find_run_dirs([str(sweep)])]
+    monkeypatch.setattr(failure_report, "decide", lambda s, passes, fails: "not significant (MDE 1)")
+    md = "\n".join(failure_report.write_failure_report(runs, tmp_path / "out"))
+    assert "Mode 2, unreliable guidance on student prefixes (tiny)**: untestable at this scale: no response" in md
+    assert "Mode 2, unreliable guidance on student prefixes (tiny_mismatch)**: not significant (MDE 1)" in md
+    monkeypatch.undo()
+    assert failure_report.decide(Stat(0.0, -0.1, 0.1, 3), False, False).startswith("not significant (MDE ")
+    assert failure_report.decide(Stat(0.3, 0.2, 0.4, 3), False, True) == "opposite (significant)"
+
+
 def test_one_seed_is_undetermined(tmp_path):
     make_run(tmp_path / "runs", "tiny_mismatch", "baseline", 0)
     runs = [runs_mod.load_run(p) for p in runs_mod.find_run_dirs([str(tmp_path / "runs")])]
     md = "\n".join(failure_report.write_failure_report(runs, tmp_path / "out"))
-    assert "UNDETERMINED (fewer than 2 seeds)" in md
+    assert "not enough seeds (n = 1)" in md
