@@ -10,11 +10,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from opd_exp.config import RunConfig, SamplingConfig, TaskConfig
+from opd_exp.models.bootstrap import sft_rows
 from opd_exp.models.forward import response_head
 from opd_exp.models.pair import ModelPair
 from opd_exp.models.tokenization import build_tokenizer, unknown_pieces, warn_unknown
 from opd_exp.objectives import ESTIMATORS
 from opd_exp.rollout import make_backend
+from opd_exp.rollout.base import Rollout, left_pad
 from opd_exp.rollout.multiturn import play, turn_ids
 from opd_exp.tasks.base import episode_makers, make_task, step_task
 from opd_exp.tasks.env import INVALID, TextWorldEpisode
@@ -71,6 +73,21 @@ def test_hard_split_has_one_more_room():
     assert len(easy.rooms) == 2 and len(hard.rooms) == 3
 
 
+def test_expert_acts_on_what_it_has_seen():
+    """The walkthrough searches as a player must (a TextWorld game is partially observable): with the target
+    out of view and a closed container in the room, the first action opens the room's first closed container,
+    whether the target lies in it, in another container or in another room."""
+    opened = 0
+    for seed in range(200):
+        d = design(seed, GameKnobs(rooms=2))
+        src = d.receptacle(next(where for name, _, where in d.objects if name == d.target))
+        closed = sorted(r.name for r in d.receptacles if r.room == d.start and r.closed)
+        if closed and not (src.room == d.start and not src.closed):
+            assert d.walkthrough()[0] == f"open {closed[0]}"
+            opened += src.name != closed[0]
+    assert opened > 10  # the expert opened a container the target was not in
+
+
 def test_invalid_action_gets_the_games_feedback(task):
     ex = task.train[0]
     ep = task.episode(ex)
@@ -100,6 +117,45 @@ def test_grade_replays_the_completions_actions(task):
     assert task.grade(text, ex)
     assert task.play_stats(text, ex) == {"won": 1.0, "steps": float(len(ex.walkthrough)), "invalid": 0.0}
     assert not task.grade("look around<|im_end|>", ex)
+
+
+class Walkthrough:
+    """A rollout backend that writes, for each context, its game's next expert action (end token included): the
+    turn is the number of end tokens the context holds."""
+
+    def __init__(self, task, examples):
+        self.prompts = [task.prompt_ids(TOK, ex) for ex in examples]
+        self.actions = [[TOK(a, add_special_tokens=False)["input_ids"] for a, _ in task.target_turns(ex)]
+                        for ex in examples]
+
+    def generate(self, model, prompts, sampling, *, stop_ids, pad_id, vocab_size, n_per_prompt=None, greedy=False):
+        out = []
+        for context in prompts:
+            game = next(i for i, p in enumerate(self.prompts) if context[:len(p)] == p)
+            out.append(self.actions[game][context.count(TOK.eos_token_id)])
+        ids_BT = torch.tensor([a + [pad_id] * (max(map(len, out)) - len(a)) for a in out])
+        mask_BT = ids_BT != pad_id
+        prompt_ids, prompt_mask = left_pad(prompts, pad_id)
+        return Rollout(prompt_ids, prompt_mask, ids_BT, mask_BT, torch.zeros(ids_BT.shape), ~mask_BT.all(-1),
+                       torch.arange(len(prompts)))
+
+
+def test_sft_rows_are_what_play_feeds_the_model(task, task_cfg):
+    """The bootstrap's SFT sequence of a game (tokens and trained positions) equals, token for token, the context
+    play() builds when the model writes the walkthrough: the teacher is trained on what it sees at play time,
+    cut at ``task.max_turns`` as play cuts it."""
+    games = all_games(task)
+    assert max(len(ex.walkthrough) for ex in games) > task_cfg.max_turns  # the cut is exercised
+    prompts = [task.prompt_ids(TOK, ex) for ex in games]
+    ro, episodes = play(Walkthrough(task, games), None, TOK, prompts, episode_makers(task, games),
+                        SamplingConfig(), stop_ids=[TOK.eos_token_id], pad_id=TOK.pad_token_id, vocab_size=V,
+                        max_turns=task_cfg.max_turns, max_action_tokens=task_cfg.max_action_tokens,
+                        n_per_prompt=1, greedy=True)
+    for r, (ids, labels) in enumerate(sft_rows(task, TOK, games)):
+        seen = ro.completion_mask_BT[r]
+        assert prompts[r] + ro.completion_ids_BT[r][seen].tolist() == ids
+        assert [False] * len(prompts[r]) + ro.action_mask_BT[r][seen].tolist() == [t != -100 for t in labels]
+        assert episodes[r].won == (len(games[r].walkthrough) <= task_cfg.max_turns)
 
 
 class FakeEpisode:

@@ -4,6 +4,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,6 +127,37 @@ def test_cache_key_changes_with_config():
     assert cache_key(base, TASK, parse_bootstrap(other)) != key
     assert cache_key(base, TaskConfig(n_train=41, n_eval=4), parse_bootstrap(TINY_BOOT)) != key
     assert cache_key(base, TASK, parse_bootstrap({**TINY_BOOT, "threads": 3})) == key  # not part of the key
+
+
+def test_games_version_keys_game_pairs_only(monkeypatch):
+    """A new games generator invalidates the pairs trained on games, and no math pair."""
+    base, boot, games = ModelConfig(bootstrap=TINY_BOOT), parse_bootstrap(TINY_BOOT), TaskConfig(name="agentic")
+    math_key, games_key = cache_key(base, TASK, boot), cache_key(base, games, boot)
+    monkeypatch.setattr(bootstrap, "GAMES_VERSION", bootstrap.GAMES_VERSION + 1)
+    assert cache_key(base, TASK, boot) == math_key and cache_key(base, games, boot) != games_key
+
+
+def test_mix_sft_draws_each_batch_from_one_task():
+    """A mix's SFT step takes all its rows from one task, in the schedule's order (math, agentic, math for
+    {math: 2, agentic: 1}): math rows are never padded to a game's length."""
+    widths = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, input_ids, attention_mask, labels):
+            widths.append(input_ids.shape[1])
+            return SimpleNamespace(loss=self.w ** 2)
+
+    def dataset(n: int, width: int) -> tuple:
+        return torch.ones(n, width, dtype=torch.long), torch.ones(n, width, dtype=torch.long), torch.full((n,), width)
+
+    member = bootstrap.MemberConfig(sft_steps=6, batch_size=2, warmup_steps=1)
+    bootstrap.sft(Probe(), [dataset(5, 3), dataset(4, 9)], [0, 1, 0], member, parse_bootstrap(TINY_BOOT),
+                  evaluate=None, desc="probe")
+    assert widths == [3, 9, 3] * 2
 
 
 def test_bootstrap_builds_once_and_reuses(tmp_path, monkeypatch):

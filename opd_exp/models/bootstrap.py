@@ -47,6 +47,7 @@ from opd_exp.config.validation import ConfigError, spec, validate
 from opd_exp.models.tokenization import Convention, build_tokenizer, resolve_token_ids, warn_unknown
 from opd_exp.rollout.hf import HFGenerateBackend
 from opd_exp.rollout.multiturn import play, turn_ids
+from opd_exp.tasks.games import GAMES_VERSION
 from opd_exp.tasks.math import Example, MathTask
 
 BOOTSTRAP_VERSION = 2  # bump when a code change alters the trained pair (invalidates every cache entry)
@@ -137,13 +138,16 @@ def parse_bootstrap(node: dict) -> BootstrapConfig:
 
 
 def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, boot: BootstrapConfig) -> str:
-    """12 hex digits of sha256 over the bootstrap settings, the task's data knobs and the code version."""
+    """12 hex digits of sha256 over the bootstrap settings, the task's data knobs (with the games' generator
+    version for a task that plays games) and the code version."""
     settings = {k: v for k, v in dataclasses.asdict(boot).items() if k not in HASH_EXCLUDED}
     keys = ("min_ops", "max_ops", "max_operand", "data_seed", "n_train", "n_eval", "eval_splits", "dataset_path")
     if task_cfg.name != "math":  # the games' knobs (a math pair's key is unchanged by them)
         keys += ("name", "n_train_games", "n_eval_games", "game_rooms", "game_receptacles", "game_distractors",
                  "game_eval_splits", "max_turns", "max_action_tokens", "mix")
     data = {k: getattr(task_cfg, k) for k in keys}
+    if task_cfg.name != "math":  # the games a pair learns from change with their generator's version
+        data["games_version"] = GAMES_VERSION
     if task_cfg.dataset_path and Path(task_cfg.dataset_path).expanduser().is_file():
         st = Path(task_cfg.dataset_path).expanduser().stat()
         data["dataset_stat"] = [st.st_size, int(st.st_mtime)]
@@ -208,11 +212,6 @@ def pad_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torc
         ids_NL[i, :len(ids)] = torch.tensor(ids)
         labels_NL[i, :len(labels)] = torch.tensor(labels)
     return ids_NL, labels_NL, torch.tensor([len(ids) for ids, _ in rows])
-
-
-def encode_sft(task, tokenizer, examples: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (prompt + target) ids (N, L), labels (N, L) with -100 on prompt and padding, lengths (N,)."""
-    return pad_rows(sft_rows(task, tokenizer, examples), tokenizer.pad_token_id)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -296,22 +295,22 @@ def lr_at(step: int, m: MemberConfig) -> float:
     return m.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def sft(model, data: tuple, m: MemberConfig, boot: BootstrapConfig, evaluate, desc: str,
-        weights_N: torch.Tensor | None = None) -> dict:
-    """Train ``model`` on ``data`` = (ids (N, L), labels (N, L), lengths (N,)) for ``m.sft_steps`` steps; rows
-    drawn uniformly, or with probability proportional to ``weights_N`` (a task mix).
+def sft(model, data: list[tuple], order: list[int], m: MemberConfig, boot: BootstrapConfig, evaluate,
+        desc: str) -> dict:
+    """Train ``model`` for ``m.sft_steps`` steps on ``data``, one dataset per task: (ids (N, L), labels (N, L),
+    lengths (N,)). Step s draws ``m.batch_size`` rows uniformly from dataset ``order[s % len(order)]`` (a mix's
+    batch schedule, as OPD alternates tasks), so a batch is padded only to its own task's lengths.
 
     ``evaluate(model) -> float`` gives the progress bar's accuracy. Returns {"steps", "seconds", "loss"}.
     """
-    ids_NL, labels_NL, lengths_N = data
     gen = torch.Generator().manual_seed(boot.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=m.lr, betas=(0.9, 0.98), weight_decay=m.weight_decay)
     model.train()
     start, loss_ema, acc, step = time.time(), None, float("nan"), 0
     bar = tqdm(range(m.sft_steps), desc=desc, disable=not boot.progress, mininterval=2.0)
     for step in bar:
-        idx = (torch.randint(0, ids_NL.shape[0], (m.batch_size,), generator=gen) if weights_N is None else
-               torch.multinomial(weights_N, m.batch_size, replacement=True, generator=gen))
+        ids_NL, labels_NL, lengths_N = data[order[step % len(order)]]
+        idx = torch.randint(0, ids_NL.shape[0], (m.batch_size,), generator=gen)
         width = int(lengths_N[idx].max())  # trim the shared right padding to this batch's longest row
         for group in opt.param_groups:
             group["lr"] = lr_at(step, m)
@@ -380,16 +379,15 @@ def train_member(role: str, m: MemberConfig, boot: BootstrapConfig, task_cfg: Ta
             return greedy_success(mod, member_tok, task, exs, task_cfg)
         return greedy_accuracy(mod, tokenizer, task, exs, max_new_tokens=boot.eval_max_new_tokens)
 
-    rows, weights = [], []
-    for _, task, examples, weight in parts:
-        part_rows = sft_rows(task, tokenizer, examples)
-        rows += part_rows
-        weights += [weight / len(part_rows)] * len(part_rows)
+    from opd_exp.tasks.mix import schedule
+
+    data = [pad_rows(sft_rows(task, tokenizer, examples), tokenizer.pad_token_id) for _, task, examples, _ in parts]
+    names = [name for name, *_ in parts]
+    order = [names.index(name) for name in schedule({name: weight for name, _, _, weight in parts})]
     first = parts[0][1]
     probe = (first.eval_splits.get("id") or next(iter(first.eval_splits.values())))[:64]
-    stats = sft(model, pad_rows(rows, tokenizer.pad_token_id), m, boot, evaluate=lambda mod: grade(mod, first, probe),
-                desc=f"bootstrap {role} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)",
-                weights_N=torch.tensor(weights, dtype=torch.float64) if len(parts) > 1 else None)
+    stats = sft(model, data, order, m, boot, evaluate=lambda mod: grade(mod, first, probe),
+                desc=f"bootstrap {role} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)")
     single = len(parts) == 1  # a one-task pair keeps bootstrap.json's plain numbers
     stats["n_examples"] = len(parts[0][2]) if single else {name: len(exs) for name, _, exs, _ in parts}
     stats["params"] = sum(p.numel() for p in model.parameters())

@@ -92,8 +92,9 @@ class AgenticTask:
         return TextWorldEpisode(example.file, example.goal)
 
     def target_turns(self, example: GameExample) -> list[tuple[str, str | None]]:
-        """The expert's (action + end token, next observation or None after the last action): the SFT data."""
-        turns = [(f"{action}{self.convention.end}", obs) for action, obs in example.turns]
+        """The expert's (action + end token, next observation or None after the last action) for at most
+        ``task.max_turns`` actions, as :func:`~opd_exp.rollout.multiturn.play` would feed them: the SFT data."""
+        turns = [(f"{action}{self.convention.end}", obs) for action, obs in example.turns[: self.cfg.max_turns]]
         return turns[:-1] + [(turns[-1][0], None)]
 
     @staticmethod
