@@ -233,6 +233,35 @@ def test_observation_tokens_get_exactly_zero_gradient(multiturn_pair, name):
     assert (grad_BT[batch.loss_mask_BT] > 0).any()
 
 
+def test_step_metrics_read_the_policys_tokens_only(multiturn_pair, monkeypatch):
+    """train/teacher_logprob, logprob_gap and entropy average over the actions: observations are text neither
+    model predicts (a teacher scoring its own rollouts gets ~0 on its actions and ~-15 on the observations)."""
+    from opd_exp.train import step as step_mod
+
+    pair, prompts, ro = multiturn_pair
+    cfg = RunConfig()
+    cfg.estimator = dataclasses.replace(cfg.estimator, name="sampled_token")
+    spec = ESTIMATORS["sampled_token"]
+    kept = {}
+    real_collect = step_mod.collect
+
+    def spy(*args, **kwargs):
+        kept["batch"], kept["probe"] = real_collect(*args, **kwargs)
+        return kept["batch"], kept["probe"]
+
+    monkeypatch.setattr(step_mod, "collect", spy)
+    opt = torch.optim.AdamW(pair.student.parameters(), lr=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    metrics, _, _ = step_mod.train_step(pair, prompts, cfg, spec, Replay(ro), opt, sched, [])
+    batch, action_BT = kept["batch"], ro.action_mask_BT
+    assert (batch.attention_mask_BT & ~action_BT).any()  # observations are seen
+    teacher_BT = batch.teacher.sampled_logprobs_BT
+    assert metrics["train/teacher_logprob"] == pytest.approx(float(teacher_BT[action_BT].mean()), rel=1e-5)
+    gap_BT = teacher_BT - batch.old_logprobs_BT
+    assert metrics["train/logprob_gap"] == pytest.approx(float(gap_BT[action_BT].mean()), rel=1e-5)
+    assert metrics["train/teacher_logprob"] != pytest.approx(float(teacher_BT[batch.attention_mask_BT].mean()))
+
+
 def test_mix_alternates_as_configured(task_cfg):
     assert schedule({"math": 1, "agentic": 1}) == ["math", "agentic"]
     assert schedule({"math": 2, "agentic": 1}) == ["math", "agentic", "math"]

@@ -35,6 +35,7 @@ class StepProbe:
     at a K fixed by ``train.diag_top_k`` whatever the objective, so ``diag/`` is comparable across objectives."""
 
     entropy_BT: torch.Tensor  # float32, entropy of pi_old at each position
+    action_mask_BT: torch.Tensor | None = None  # bool, tokens the policy sampled (a multi-turn row's actions)
     student_topk_ids_BTK: torch.Tensor | None = None  # long, pi_old's top diag_top_k ids
     teacher_topk_ids_BTK: torch.Tensor | None = None  # long, the teacher's top diag_top_k ids
     teacher_topk_logprobs_BTK: torch.Tensor | None = None  # float32, log q at them
@@ -136,7 +137,7 @@ def collect(pair, prompts: list[list[int]], cfg: RunConfig, needs: Needs, backen
                                      ro.completion_mask_BT, k_teacher, V)
     else:
         teacher = score_teacher(pair.teacher, ro, needs, V, k_teacher, student_topk, chunk_rows, chunk)
-    probe = StepProbe(entropy_BT=entropy_BT)
+    probe = StepProbe(entropy_BT=entropy_BT, action_mask_BT=ro.action_mask_BT)
     if diag_k:
         probe.student_topk_ids_BTK = old_topk_BTK[..., :diag_k]
         probe.teacher_topk_ids_BTK = teacher.topk_ids_BTK[..., :diag_k]

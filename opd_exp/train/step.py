@@ -31,12 +31,14 @@ def train_step(pair, prompts: list[list[int]], cfg: RunConfig, spec: EstimatorSp
     scheduler.step()
 
     seen_BT, teacher_BT = batch.attention_mask_BT, batch.teacher.sampled_logprobs_BT
+    # the policy's own tokens: a multi-turn row's observations are seen, not sampled (nor predicted by either model)
+    acted_BT = probe.action_mask_BT if probe.action_mask_BT is not None else seen_BT
     metrics = {f"train/{k}": v for k, v in result.metrics.items()}
     metrics |= {"train/response_len": float(seen_BT.sum(-1).float().mean()),
                 "train/truncated": float(batch.truncated_B.float().mean()),
-                "train/entropy": _masked_mean(probe.entropy_BT, seen_BT),
-                "train/teacher_logprob": _masked_mean(teacher_BT, seen_BT),
-                "train/logprob_gap": _masked_mean(teacher_BT - batch.old_logprobs_BT, seen_BT),
+                "train/entropy": _masked_mean(probe.entropy_BT, acted_BT),
+                "train/teacher_logprob": _masked_mean(teacher_BT, acted_BT),
+                "train/logprob_gap": _masked_mean(teacher_BT - batch.old_logprobs_BT, acted_BT),
                 "train/masked_tokens": float((seen_BT & ~batch.loss_mask_BT).sum()),
                 "train/updates": float(result.n_updates), "train/lr": scheduler.get_last_lr()[0]} | result.skipped
     if not diagnose:
