@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -304,3 +305,30 @@ def test_8_threads_and_device_name_different_cell_dirs(key, values):
             names.add(compose("config", overrides=[f"{key}={value}", "seed=0"],
                               return_hydra_config=True).hydra.job.override_dirname)
     assert len(names) == 2, names
+
+
+def test_waiting_for_other_cells_sees_only_processes_two_levels_down():
+    """processes.wait_for_other_cells: a launcher's workers are one level down, their cells two; the wait ends
+    when no cell is left, not when the workers are (loky SIGKILLs the other workers' trees when one exits)."""
+    from opd_exp.processes import wait_for_other_cells
+
+    cell = "import time; time.sleep(3)"
+    worker = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {cell!r}]); time.sleep(60)"
+    launcher = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                                 f"subprocess.Popen([sys.executable, '-c', {worker!r}]); time.sleep(60)"])
+    try:
+        deadline = time.time() + 30
+        while not descendant_pids(launcher.pid, min_depth=2) and time.time() < deadline:
+            time.sleep(0.05)
+        (cell_pid,) = descendant_pids(launcher.pid, min_depth=2)
+        (worker_pid, _) = descendant_pids(launcher.pid)
+        assert worker_pid != cell_pid
+        start = time.time()
+        wait_for_other_cells(launcher.pid, timeout=30)
+        assert time.time() - start < 20 and not descendant_pids(launcher.pid, min_depth=2)
+        assert descendant_pids(launcher.pid) == [worker_pid]  # the worker itself is not waited for
+    finally:
+        for pid in descendant_pids(launcher.pid):
+            os.kill(pid, signal.SIGKILL)
+        launcher.kill()
+        launcher.wait()
