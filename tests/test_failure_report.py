@@ -25,6 +25,7 @@ import yaml
 
 from opd_exp.report import cli as report
 from opd_exp.report import failure as failure_report
+from opd_exp.report import failure_verdicts
 from opd_exp.report import runs as runs_mod
 from opd_exp.report.stats import Stat
 
@@ -202,13 +203,13 @@ def test_mode2_without_loops_is_untestable_not_refuted(sweep, tmp_path, monkeypa
     """Where mode 2's test does not reproduce, a pair none of whose responses loops (tiny) is untestable, not
     refuted; a pair whose responses loop (tiny_mismatch) keeps the test's verdict."""
     runs = [runs_mod.load_run(p) for p in runs_mod.find_run_dirs([str(sweep)])]
-    monkeypatch.setattr(failure_report, "decide", lambda s, passes, fails: "not significant (MDE 1)")
+    monkeypatch.setattr(failure_verdicts, "decide", lambda s, passes, fails: "not significant (MDE 1)")
     md = "\n".join(failure_report.write_failure_report(runs, tmp_path / "out"))
     assert "Mode 2, unreliable guidance on student prefixes (tiny)**: untestable at this scale: no response" in md
     assert "Mode 2, unreliable guidance on student prefixes (tiny_mismatch)**: not significant (MDE 1)" in md
     monkeypatch.undo()
-    assert failure_report.decide(Stat(0.0, -0.1, 0.1, 3), False, False).startswith("not significant (MDE ")
-    assert failure_report.decide(Stat(0.3, 0.2, 0.4, 3), False, True) == "opposite (significant)"
+    assert failure_verdicts.decide(Stat(0.0, -0.1, 0.1, 3), False, False).startswith("not significant (MDE ")
+    assert failure_verdicts.decide(Stat(0.3, 0.2, 0.4, 3), False, True) == "opposite (significant)"
 
 
 def test_one_seed_is_undetermined(tmp_path):

@@ -9,8 +9,9 @@ samples ``diag/samples_step{0,last}.npz`` (opd_exp/train/diagnostics.py).
 
 Cells are (pair, estimator, rollout top-p, mask), read from each run's resolved config; seeds are the
 replicates. Every number is a mean over seeds with a 95% t-interval (opd_exp.stats.mean_ci); comparisons
-between cells pair runs by seed. A verdict needs two seeds or more (else "not enough seeds"); verdicts use the
-claims' vocabulary (opd_exp/report/claims.py). Mode 2 is untestable on a pair none of whose responses loops;
+between cells pair runs by seed; the rules below are applied in :mod:`opd_exp.report.failure_verdicts`. A
+verdict needs two seeds or more (else "not enough seeds"); verdicts use the claims' vocabulary
+(opd_exp/report/claims.py). Mode 2 is untestable on a pair none of whose responses loops;
 mode 3 is a control on a pair whose teacher and student share one convention. The rules are fixed
 here, before any run was read, and never tuned to the outcome:
 
@@ -23,9 +24,10 @@ here, before any run was read, and never tuned to the outcome:
   of the responses than in the first: the per-seed difference has a CI below 0. The fix removes it when the
   same test fails on its cell (topk_rkl, top-p < 1, masked); the paired difference is given either way.
 - mode 3 (Fig. 5) reproduces on a pair when, at the first step, the teacher - student log-prob gap on the
-  pair's special tokens (``model.special_tokens``) has a CI below -:data:`MISMATCH_NATS` nats. Its harm is a
-  student that stops writing its own end token: masking removes it when, per estimator, the last-step share of
-  truncated responses drops with the mask (paired CI above 0) to no more than on the other pair (CIs overlap).
+  pair's special tokens (``model.special_tokens``) has a CI below -5 nats
+  (:data:`~opd_exp.report.failure_verdicts.MISMATCH_NATS`). Its harm is a student that stops writing its own
+  end token: masking removes it when, per estimator, the last-step share of truncated responses drops with the
+  mask (paired CI above 0) to no more than on the other pair (CIs overlap).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from opd_exp.report.failure_cells import (
     all_special_ids,
     by_cell,
     clear_caches,
+    find_loop,
     fmt,
     log_probs,
     metric_at,
@@ -52,11 +55,11 @@ from opd_exp.report.failure_cells import (
     seed_stat,
     special_token_ids,
 )
+from opd_exp.report.failure_verdicts import verdict_lines
 from opd_exp.report.figures import curve_stats, pyplot
 from opd_exp.report.runs import Run
-from opd_exp.report.stats import Stat, t_quantile
+from opd_exp.report.stats import Stat
 
-MISMATCH_NATS = 5.0  # a special-token gap beyond this is a convention mismatch (audit.format_side_by_side flags it)
 N_BUCKETS = 4  # relative-position buckets (quarters of each response), as the diagnostics log them
 DYNAMICS = ["train/response_len", "train/grad_norm", "train/clip_frac", "train/entropy", "train/logprob_gap",
             "diag/len/truncated_frac"]
@@ -196,31 +199,6 @@ def gap_figure(cells: dict[Cell, list[Run]], path: Path, tok) -> bool:
     return True
 
 
-def find_loop(cells: dict[Cell, list[Run]], max_period: int = 8, min_repeats: int = 3):
-    """The first saved response with a repetition loop (baseline cells first, last step before first):
-    (cell, seed, step, token ids, teacher probs, student probs, loop mask), or None. Only responses kept
-    whole by the samples' subsampling are searched."""
-    from opd_exp.train.diagnostics import repeat_loop_mask
-
-    order = sorted(cells.items(), key=lambda kv: not kv[0].is_baseline)
-    for which in ("last", "first"):
-        for cell, runs in order:
-            for run in runs:
-                s = samples(run, which)
-                if s is None or "teacher_prob" not in s:
-                    continue
-                for row in np.unique(s["row"]):
-                    idx = np.flatnonzero(s["row"] == row)
-                    idx = idx[np.argsort(s["abs_pos"][idx])]
-                    if not np.array_equal(s["abs_pos"][idx], np.arange(len(idx))):
-                        continue  # a subsampled response: gaps would fake or hide loops
-                    loop = repeat_loop_mask(s["token_id"][idx].astype(np.int64), max_period, min_repeats)
-                    if loop.any():
-                        return (cell, run.seed, which, s["token_id"][idx], s["teacher_prob"][idx],
-                                s["student_prob"][idx], loop)
-    return None
-
-
 def loop_figure(found, tok, path: Path) -> bool:
     """Fig. 3: one looping response, the teacher's and the student's probability of each sampled token."""
     if found is None:
@@ -325,7 +303,7 @@ def dynamics_figure(pair: str, data: dict, path: Path) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------- tables and verdicts
+# ----------------------------------------------------------------------------- tables
 
 
 def write_table(rows: list[dict], stem: str, out: Path, title: str) -> list[str]:
@@ -349,134 +327,6 @@ def write_table(rows: list[dict], stem: str, out: Path, title: str) -> list[str]
     for row in rows:
         lines.append("| " + " | ".join(fmt(v, 2) if isinstance(v, Stat) else str(v) for v in row.values()) + " |")
     return lines + ["", f"CSV: [{stem}.csv]({stem}.csv). Values: mean [95% CI] (n seeds).", ""]
-
-
-def pick(per: dict, pair: str, want, which: str) -> dict:
-    """The per-seed values of the first cell of ``pair`` matching ``want(cell)`` at ``which`` step."""
-    return next((v for (c, w), v in per.items() if c.pair == pair and w == which and want(c)), {})
-
-
-def decide(s: Stat, passes: bool, fails: bool) -> str:
-    """The verdict, in the claims' vocabulary (opd_exp/report/claims.py): ``passes`` when the interval lies
-    beyond the rule's threshold on the paper's side, ``fails`` when on the other side; else not significant,
-    with the MDE of the seeds' spread (power 0.8, alpha 0.05). A test needs at least two seeds."""
-    if s.n < 2:
-        return "not enough seeds (n = 1)"
-    if passes:
-        return "reproduces"
-    if fails:
-        return "opposite (significant)"
-    half = (s.hi - s.lo) / 2
-    mde = (t_quantile(0.975, s.n - 1) + t_quantile(0.8, s.n - 1)) * half / t_quantile(0.975, s.n - 1)
-    return f"not significant (MDE {mde:.2g} from the threshold)"
-
-
-def responses_loop(cells: dict[Cell, list[Run]], m2_rows: list[dict], pair: str) -> bool:
-    """Some response of ``pair`` (any cell, first or last step) holds a repetition loop: in the logged loop
-    rate, or in the saved samples. Mode 2's drift needs responses that run on: where its test fails and no
-    response loops, it is untestable here, not refuted."""
-    logged = any(r["pair"] == pair and r["loop_frac"].n and r["loop_frac"].mean > 0 for r in m2_rows)
-    return logged or find_loop({c: rs for c, rs in cells.items() if c.pair == pair}) is not None
-
-
-def conventions_match(cells: dict[Cell, list[Run]], pair: str) -> bool:
-    """The pair's teacher and student were bootstrapped with one response convention (think delimiters, end
-    token): mode 3 is a control there (no mismatch by construction), not a claim. False when unknown."""
-    run = next((rs[0] for c, rs in cells.items() if c.pair == pair and rs), None)
-    boot = (((run.config.get("model") or {}).get("bootstrap") or {}) if run else {})
-    teacher, student = (boot.get("teacher") or {}).get("convention"), (boot.get("student") or {}).get("convention")
-    return teacher is not None and teacher == student
-
-
-def truncation(cells: dict[Cell, list[Run]]) -> dict[Cell, dict]:
-    """Per cell, per seed: the share of responses that hit the length cap at the last step (a student that
-    stopped writing its end token, the visible harm of mode 3)."""
-    return {c: {r.seed: metric_at(r, "diag/len/truncated_frac") for r in rs if
-                metric_at(r, "diag/len/truncated_frac") is not None} for c, rs in cells.items()}
-
-
-def mask_effect_lines(pair: str, cells: dict[Cell, list[Run]], trunc: dict[Cell, dict]) -> list[str]:
-    """Per estimator and top-p of ``pair``: last-step truncation without vs with the mask, paired by seed, and
-    the masked cell against the same cell on every other pair (the control)."""
-    out = []
-    for cell in [c for c in cells if c.pair == pair and c.mask]:
-        off = Cell(pair, cell.estimator, cell.top_p, False)
-        if off not in trunc:
-            continue
-        on_s, off_s, effect = seed_stat(trunc[cell]), seed_stat(trunc[off]), paired(trunc[off], trunc[cell])
-        controls = [(c.pair, seed_stat(v)) for c, v in trunc.items() if c.pair != pair and c.mask and
-                    (c.estimator, c.top_p) == (cell.estimator, cell.top_p)]
-        helps = effect.n > 1 and effect.lo > 0
-        residual = any(ctrl.n > 1 and on_s.n > 1 and on_s.lo > ctrl.hi for _, ctrl in controls)
-        word = ("removes it" if helps and not residual else "reduces it" if helps else
-                "shows no significant effect")
-        ctrl_text = "; ".join(f"{name} with mask {fmt(st)}" for name, st in controls)
-        out.append(f"  - {cell.estimator}, p={cell.top_p:g}: truncated share at the last step {fmt(off_s)} "
-                   f"without the mask, {fmt(on_s)} with it (paired without - with: {fmt(effect)}); "
-                   f"{ctrl_text or 'no control pair'}: masking {word}.")
-    return out
-
-
-def verdict_lines(pairs: list[str], cells: dict[Cell, list[Run]], m1: dict, m2: dict, m3: dict,
-                  m2_rows: list[dict]) -> list[str]:
-    """One plain paragraph per failure mode and pair, by the rules in the module docstring."""
-    fix = lambda c: c.is_fix  # noqa: E731
-    base = lambda c: c.is_baseline  # noqa: E731
-    trunc = truncation(cells)
-    lines = ["## Verdicts", "", "Rules (fixed in opd_exp/report/failure.py before the runs were read): mean over "
-             "seeds [95% t-interval] (n seeds); verdicts in the claims' vocabulary (reproduces / opposite / "
-             "not significant, with the MDE / untestable at this scale / control); \"fix\" = topk_rkl on top-p "
-             "0.9 rollouts with special-token "
-             "masking; differences are paired by seed.", ""]
-    for pair in pairs:
-        s = seed_stat(pick(m1, pair, base, "first"))
-        lines.append(f"- **Mode 1, imbalanced one-token signal ({pair})**: {decide(s, s.lo > 0.5, s.hi < 0.5)}. "
-                     "At the first "
-                     f"step {fmt(s)} of the sampled tokens lie below the diagonal (teacher prob < student prob: "
-                     "a negative reward; the rule needs a CI above 0.5; the table gives the share above, the "
-                     "rest are exact ties). At the last step: baseline "
-                     f"{fmt(seed_stat(pick(m1, pair, base, 'last')))}, fix "
-                     f"{fmt(seed_stat(pick(m1, pair, fix, 'last')))}. The fix does not train on the one-token "
-                     "reward (its loss is a KL over the teacher's top-K), so it removes this signal by "
-                     "construction; these shares only say how balanced that reward is on its rollouts.")
-        b, f = pick(m2, pair, base, "last"), pick(m2, pair, fix, "last")
-        sb, sf = seed_stat(b), seed_stat(f)
-        loop_row = next((r for r in m2_rows if r["pair"] == pair and r["step"] == "last" and
-                         r["cell"] == next((c.label for c in cells if c.pair == pair and c.is_baseline), None)),
-                        None)
-        loops = (f" Loops: {fmt(loop_row['loop_frac'])} of the baseline's last-step responses; the teacher's "
-                 f"mean prob on loop tokens {fmt(loop_row['teacher_prob_in_loop'], 2)} (the paper: 0.9-1.0, i.e. "
-                 "no penalty)." if loop_row else "")
-        removed = ("" if not (sb.n > 1 and sb.hi < 0) else
-                   f" The fix {'removes' if not (sf.n > 1 and sf.hi < 0) else 'does NOT remove'} it (paired fix "
-                   f"- baseline {fmt(paired(f, b))}).")
-        verdict2 = decide(sb, sb.hi < 0, sb.lo > 0)
-        if verdict2 != "reproduces" and not responses_loop(cells, m2_rows, pair):
-            verdict2 = ("untestable at this scale: no response of this pair loops (the paper's drift needs "
-                        f"responses that run on), so a gap that does not widen refutes nothing ({verdict2})")
-        lines.append(f"- **Mode 2, unreliable guidance on student prefixes ({pair})**: {verdict2}. "
-                     "At the last step, p10 of the teacher - student gap in the last quarter of the responses "
-                     f"minus the first quarter (special tokens left out) is {fmt(sb)} nats for the baseline (the "
-                     f"rule needs a CI below 0) and {fmt(sf)} for the fix.{removed}{loops}")
-        s3 = seed_stat(pick(m3, pair, base, "first"))
-        if conventions_match(cells, pair):
-            lines.append(f"- **Mode 3, special-token mismatch ({pair})**: control (teacher and student share "
-                         f"one convention by construction): the gap on the special tokens is {fmt(s3, 2)} nats; "
-                         "the masked cells of this pair are the mismatched pairs' control below.")
-            continue
-        verdict = decide(s3, s3.hi < -MISMATCH_NATS, s3.lo > -MISMATCH_NATS)
-        text = (f"- **Mode 3, special-token mismatch ({pair})**: {verdict}. At the first step the teacher - "
-                f"student log-prob gap on the pair's special tokens is {fmt(s3, 2)} nats (the rule needs a CI "
-                f"below -{MISMATCH_NATS:g}).")
-        if verdict != "reproduces":
-            lines.append(text + " Nothing for the mask to remove on this pair.")
-            continue
-        lines.append(text + " Masking leaves what the teacher says unchanged and takes these tokens out of "
-                     "every loss term. Its effect, measured by the share of last-step responses that hit the "
-                     "length cap (a student that no longer writes its own end token), against the same masked "
-                     "cell on the other pair(s) as the control:")
-        lines += mask_effect_lines(pair, cells, trunc)
-    return lines + [""]
 
 
 def write_failure_report(runs: list[Run], out: Path) -> list[str]:

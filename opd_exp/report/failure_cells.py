@@ -140,3 +140,28 @@ def clear_caches() -> None:
     """Forget cached samples and metrics: run dirs may have grown since an earlier report in this process."""
     _samples.cache_clear()
     _metrics.cache_clear()
+
+
+def find_loop(cells: dict[Cell, list[Run]], max_period: int = 8, min_repeats: int = 3):
+    """The first saved response with a repetition loop (baseline cells first, last step before first):
+    (cell, seed, step, token ids, teacher probs, student probs, loop mask), or None. Only responses kept
+    whole by the samples' subsampling are searched."""
+    from opd_exp.train.diagnostics import repeat_loop_mask
+
+    order = sorted(cells.items(), key=lambda kv: not kv[0].is_baseline)
+    for which in ("last", "first"):
+        for cell, runs in order:
+            for run in runs:
+                s = samples(run, which)
+                if s is None or "teacher_prob" not in s:
+                    continue
+                for row in np.unique(s["row"]):
+                    idx = np.flatnonzero(s["row"] == row)
+                    idx = idx[np.argsort(s["abs_pos"][idx])]
+                    if not np.array_equal(s["abs_pos"][idx], np.arange(len(idx))):
+                        continue  # a subsampled response: gaps would fake or hide loops
+                    loop = repeat_loop_mask(s["token_id"][idx].astype(np.int64), max_period, min_repeats)
+                    if loop.any():
+                        return (cell, run.seed, which, s["token_id"][idx], s["teacher_prob"][idx],
+                                s["student_prob"][idx], loop)
+    return None
