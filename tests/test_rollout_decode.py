@@ -4,28 +4,18 @@ leave the batch, padded embedding rows never sampled."""
 import pytest
 import torch
 from reference_forward import completion_logits
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_rollout_hf import EOS, PAD, PROMPTS, V, eos_llama
 
 from opd_exp.config import SamplingConfig
 from opd_exp.rollout import make_backend
 from opd_exp.rollout.decode import DecodeBackend, processed_logprobs
 from opd_exp.rollout.hf import HFGenerateBackend
 
-V, EOS, PAD, BOS = 300, 1, 0, 2
-PROMPTS = [[BOS, 5, 6, 7, 8], [BOS, 9], [BOS, 10, 11]]  # left padding of 3 and 2 columns
-
 
 @pytest.fixture(scope="module")
 def llama():
-    """EOS made likely enough that rows end at different steps."""
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      num_key_value_heads=2, max_position_embeddings=64, eos_token_id=EOS, pad_token_id=PAD,
-                      bos_token_id=BOS)
-    model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight[EOS] += 0.6 * model.model.norm.weight.sign()  # EOS likely but not certain
-    return model
+    """The "hf" backend's test model: EOS likely enough that rows end at different steps."""
+    return eos_llama()
 
 
 def decode(model, sampling, seed, greedy=False, vocab_size=V):
@@ -83,11 +73,10 @@ def test_top_p_support_renormalised():
 def test_padded_embedding_rows_never_sampled(llama):
     """Ids >= vocab_size (padded embedding rows) are cut before sampling, even where the model prefers them."""
     with torch.no_grad():
-        saved = llama.lm_head.weight[V - 20:].clone()
-        llama.lm_head.weight[V - 20:] = 5 * llama.model.norm.weight.sign()
+        llama.lm_head.bias[V - 20:] = 20.0  # the model all but always prefers a padded row
     try:
         ro = decode(llama, SamplingConfig(rollouts_per_prompt=3, max_new_tokens=8), 0, vocab_size=V - 20)
     finally:
         with torch.no_grad():
-            llama.lm_head.weight[V - 20:] = saved
+            llama.lm_head.bias[V - 20:] = 0.0
     assert (ro.completion_ids_BT < V - 20).all()

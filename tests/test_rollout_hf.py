@@ -26,8 +26,7 @@ def with_output_bias(model, bias_V: torch.Tensor):
     return model.eval()
 
 
-@pytest.fixture(scope="module")
-def llama():
+def eos_llama():
     """No padded rows (embedding rows == V); EOS made likely enough that rows end at different steps."""
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -36,6 +35,11 @@ def llama():
     bias = torch.zeros(V)
     bias[EOS] = 2.0
     return with_output_bias(LlamaForCausalLM(cfg), bias)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return eos_llama()
 
 
 def sample(model, sampling, seed, **kw) -> Rollout:
