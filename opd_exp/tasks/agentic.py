@@ -23,6 +23,7 @@ from opd_exp.config.validation import ConfigError
 from opd_exp.models.tokenization import ASSISTANT, DEFAULT_CONVENTION, PAD, USER
 from opd_exp.tasks.env import TextWorldEpisode
 from opd_exp.tasks.games import GameKnobs, ensure_games
+from opd_exp.tasks.prompts import text_ids, user_prompt_text
 
 GAME_KNOBS = ("rooms", "receptacles", "distractors")
 SPLIT_OFFSET = 50_000  # eval split j's seeds start at data_seed * 1e6 + (j + 1) * SPLIT_OFFSET
@@ -81,11 +82,11 @@ class AgenticTask:
 
     # --------------------------------------------------------------------------------------------------------
     def prompt_text(self, tokenizer, example: GameExample) -> str:
-        messages = [{"role": "user", "content": example.first_observation}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        """The goal and first observation as the user turn, ending with the assistant's generation prompt."""
+        return user_prompt_text(tokenizer, example.first_observation)
 
     def prompt_ids(self, tokenizer, example: GameExample) -> list[int]:
-        return tokenizer(self.prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"]
+        return text_ids(tokenizer, self.prompt_text(tokenizer, example))
 
     def episode(self, example: GameExample) -> TextWorldEpisode:
         """A fresh episode of the example's game."""

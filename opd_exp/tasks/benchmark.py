@@ -33,6 +33,7 @@ from pathlib import Path
 from opd_exp.config import TaskConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.tasks.grading import grade_response
+from opd_exp.tasks.prompts import text_ids
 
 PROBLEM_KEYS = ("problem", "question", "prompt", "Problem", "Question")
 ANSWER_KEYS = ("answer", "final_answer", "expected_answer", "solution", "Answer", "ground_truth")
@@ -212,7 +213,7 @@ class BenchmarkTask:
 
     def prompt_ids(self, tokenizer, example: Problem) -> list[int]:
         """Token ids of :meth:`prompt_text` (the template writes any special tokens itself)."""
-        return tokenizer(self.prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"]
+        return text_ids(tokenizer, self.prompt_text(tokenizer, example))
 
     def grade(self, completion_text: str, example: Problem) -> bool:
         """The response's final answer (grading.extract_answer) equals the reference (math-verify)."""

@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from opd_exp.config import TaskConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.models.tokenization import DEFAULT_CONVENTION, Convention
+from opd_exp.tasks.prompts import text_ids, user_prompt_text
 
 SPLIT_KNOBS = ("min_ops", "max_ops", "max_operand")
 EXPR_RE = re.compile(r"^\s*(?:Q:)?\s*([0-9]+(?:\s*[+-]\s*[0-9]+)*)\s*(?:=\s*\??)?\s*$")
@@ -204,12 +205,11 @@ class MathTask:
     # --------------------------------------------------------------------------------------------------------
     def prompt_text(self, tokenizer, example: Example) -> str:
         """The chat-rendered prompt, ending with the assistant's generation prompt."""
-        messages = [{"role": "user", "content": example.question}]
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return user_prompt_text(tokenizer, example.question)
 
     def prompt_ids(self, tokenizer, example: Example) -> list[int]:
         """Token ids of :meth:`prompt_text` (no padding; the template writes bos)."""
-        return tokenizer(self.prompt_text(tokenizer, example), add_special_tokens=False)["input_ids"]
+        return text_ids(tokenizer, self.prompt_text(tokenizer, example))
 
     def target_text(self, example: Example) -> str:
         """The response to imitate: ``<think>trace</think>A:answer`` followed by the end token."""
