@@ -80,7 +80,7 @@ class MemberConfig:
 
 
 def _student_defaults() -> MemberConfig:
-    return MemberConfig(hidden_size=96, num_layers=2, num_heads=4, sft_examples=200, sft_games=16, sft_steps=500,
+    return MemberConfig(hidden_size=96, num_layers=2, num_heads=4, sft_examples=200, sft_games=16, sft_steps=250,
                         lr=3e-3)
 
 
