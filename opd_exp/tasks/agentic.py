@@ -23,7 +23,7 @@ from opd_exp.config.validation import ConfigError
 from opd_exp.models.tokenization import ASSISTANT, DEFAULT_CONVENTION, PAD, USER
 from opd_exp.tasks.env import TextWorldEpisode
 from opd_exp.tasks.games import GameKnobs, ensure_games
-from opd_exp.tasks.prompts import text_ids, user_prompt_text
+from opd_exp.tasks.played import PlayedTask
 
 GAME_KNOBS = ("rooms", "receptacles", "distractors")
 SPLIT_OFFSET = 50_000  # eval split j's seeds start at data_seed * 1e6 + (j + 1) * SPLIT_OFFSET
@@ -59,7 +59,7 @@ def games_dir(cfg: TaskConfig) -> Path:
     return Path(cfg.games_dir or os.environ.get("OPD_EXP_CACHE") or "~/.cache/opd_exp").expanduser()
 
 
-class AgenticTask:
+class AgenticTask(PlayedTask):
     """Train pool and eval splits of games, prompts, episodes and grading (see the module docstring)."""
 
     name = "agentic"
@@ -81,12 +81,9 @@ class AgenticTask:
                             walkthrough=r["walkthrough"], turns=r["turns"], split=split) for r in records]
 
     # --------------------------------------------------------------------------------------------------------
-    def prompt_text(self, tokenizer, example: GameExample) -> str:
-        """The goal and first observation as the user turn, ending with the assistant's generation prompt."""
-        return user_prompt_text(tokenizer, example.first_observation)
-
-    def prompt_ids(self, tokenizer, example: GameExample) -> list[int]:
-        return text_ids(tokenizer, self.prompt_text(tokenizer, example))
+    def first_observation(self, example: GameExample) -> str:
+        """The goal and first observation (the prompt's user turn, :meth:`PlayedTask.prompt_text`)."""
+        return example.first_observation
 
     def episode(self, example: GameExample) -> TextWorldEpisode:
         """A fresh episode of the example's game."""
@@ -106,20 +103,6 @@ class AgenticTask:
         out = [pieces[0]] + [p.split(ASSISTANT, 1)[1] for p in pieces[1:] if ASSISTANT in p]
         return [re.sub(re.escape(end) + ".*", "", p, flags=re.S).strip() for p in out if p.strip()]
 
-    def replay(self, completion_text: str, example: GameExample) -> TextWorldEpisode:
-        """A fresh episode played through the completion's actions (stopping when the game is over)."""
-        ep = self.episode(example)
-        ep.reset()
-        for action in self.actions(completion_text, self.convention.end)[: self.cfg.max_turns]:
-            if ep.step(action)[1]:
-                break
-        return ep
-
-    def grade(self, completion_text: str, example: GameExample) -> bool:
-        """Whether the completion's actions win the game."""
-        return self.replay(completion_text, example).won
-
-    def play_stats(self, completion_text: str, example: GameExample) -> dict[str, float]:
-        """{"won", "steps", "invalid"} of the completion's replay."""
-        ep = self.replay(completion_text, example)
-        return {"won": float(ep.won), "steps": float(ep.steps), "invalid": float(ep.invalid)}
+    def completion_actions(self, completion_text: str) -> list[str]:
+        """The actions :meth:`PlayedTask.replay` plays: :meth:`actions` with this task's end token."""
+        return self.actions(completion_text, self.convention.end)
