@@ -13,7 +13,9 @@ graded exactly as it was played; :meth:`AgenticTask.play_stats` adds the steps t
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,8 @@ from pathlib import Path
 from opd_exp.config import TaskConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.models.tokenization import ASSISTANT, DEFAULT_CONVENTION, PAD, USER
-from opd_exp.tasks.env import TextWorldEpisode
-from opd_exp.tasks.games import GameKnobs, ensure_games
+from opd_exp.tasks.env import INVALID, TextWorldEpisode
+from opd_exp.tasks.games import TEXT_WORDS, GameKnobs, ensure_games
 from opd_exp.tasks.played import PlayedTask
 
 GAME_KNOBS = ("rooms", "receptacles", "distractors")
@@ -95,6 +97,39 @@ class AgenticTask(PlayedTask):
         turns = [(f"{action}{self.convention.end}", obs) for action, obs in example.turns[: self.cfg.max_turns]]
         return turns[:-1] + [(turns[-1][0], None)]
 
+    def detour_turns(self, example: GameExample, bad_action: str, at: int) -> list[tuple[str, str | None, bool]]:
+        """The expert's turns with ``bad_action``, an action the game rejects, played before expert turn ``at``:
+        (action + end token, next observation or None after the last action, trained). The rejected action and
+        the game's reply (``invalid command.`` and the unchanged observation, as :class:`TextWorldEpisode`
+        writes it) are in the context and out of the loss; at most ``task.max_turns`` actions in all."""
+        end = self.convention.end
+        before = (example.turns[at - 1][1] if at else
+                  example.first_observation.removeprefix(example.goal).strip())
+        turns = [(f"{action}{end}", obs, True) for action, obs in example.turns]
+        turns.insert(at, (f"{bad_action}{end}", f"{INVALID} {before}", False))
+        turns = turns[: self.cfg.max_turns]
+        return turns[:-1] + [(turns[-1][0], None, turns[-1][2])]
+
+    def detours(self, examples: list[GameExample], per_game: int, seed: int
+                ) -> list[tuple[GameExample, list[tuple[str, str | None, bool]]]]:
+        """``per_game`` detoured copies of each game's expert turns (:meth:`detour_turns`), each with one
+        action the game rejects before a uniformly drawn expert turn (never after the last one kept): another
+        game's expert action that names something this game does not hold, the commonest error of a policy that
+        memorised other games. Seeded by ``seed``. The SFT data of ``model.bootstrap.<member>.sft_detours``:
+        demonstrations that show how to go on after an error (DART's noise injected into the demonstrator,
+        arXiv 1703.09327; DAgger's states of the learner, arXiv 1011.0686), so that a teacher scores the
+        student's contexts, not only the expert's."""
+        rng = random.Random(seed)
+        pool = sorted({a for ex in examples for a in ex.walkthrough if not a.startswith("go ")})
+        out = []
+        for ex in examples:
+            names = game_names(ex.file)
+            foreign = [a for a in pool if any(w not in names and w not in TEXT_WORDS for w in a.split())]
+            kept = min(len(ex.turns), self.cfg.max_turns - 1)
+            for _ in range(per_game if foreign and kept else 0):
+                out.append((ex, self.detour_turns(ex, rng.choice(foreign), rng.randrange(kept))))
+        return out
+
     @staticmethod
     def actions(completion_text: str, end: str = DEFAULT_CONVENTION.end) -> list[str]:
         """The actions a decoded completion wrote: the text before each end token or observation turn."""
@@ -106,3 +141,10 @@ class AgenticTask(PlayedTask):
     def completion_actions(self, completion_text: str) -> list[str]:
         """The actions :meth:`PlayedTask.replay` plays: :meth:`actions` with this task's end token."""
         return self.actions(completion_text, self.convention.end)
+
+
+def game_names(game_file: str) -> set[str]:
+    """Every word of every entity name in a TextWorld JSON game (rooms, receptacles, objects): an action naming
+    any other word (besides the commands' own words) is one the game must reject."""
+    infos = json.loads(Path(game_file).read_text())["infos"]
+    return {w for _, info in infos for w in (info.get("name") or "").lower().split()}
