@@ -162,8 +162,9 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
         cfg: RunConfig = load_run_config(cfg_node)
         check_paths(cfg)
         if cfg.runner == "opd":  # read the task's data now: a dataset error exits 2 before any run file
-            from opd_exp.tasks.base import make_task
+            from opd_exp.tasks.base import check_task_pair, make_task
 
+            check_task_pair(cfg.task, cfg.model)
             make_task(cfg.task)
     except ConfigError as err:
         if not multirun:

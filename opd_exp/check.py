@@ -139,7 +139,7 @@ def check(cfg) -> list[str]:
     from opd_exp.config.validation import ConfigError
     from opd_exp.models.audit import audit_tokenizers, pair_probes
     from opd_exp.models.pair import load_pair, masked_token_ids
-    from opd_exp.tasks.base import make_task
+    from opd_exp.tasks.base import check_task_pair, make_task
     from opd_exp.train.loop import pick_device
 
     if cfg.model.teacher_server is not None:  # the check samples from the teacher and sizes it: it must load here
@@ -151,6 +151,7 @@ def check(cfg) -> list[str]:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     start = time.perf_counter()
+    check_task_pair(cfg.task, cfg.model)
     task = make_task(cfg.task)
     pair = load_pair(cfg.model, cfg.task, device)
     params = [sum(p.numel() for p in m.parameters()) / 1e6 for m in (pair.teacher, pair.student)]

@@ -123,10 +123,11 @@ class Walkthrough:
     """A rollout backend that writes, for each context, its game's next expert action (end token included): the
     turn is the number of end tokens the context holds."""
 
-    def __init__(self, task, examples):
+    def __init__(self, task, examples, turns=None):
+        """``turns``: per example its (action, ...) turns to write; default the expert's ``target_turns``."""
         self.prompts = [task.prompt_ids(TOK, ex) for ex in examples]
-        self.actions = [[TOK(a, add_special_tokens=False)["input_ids"] for a, _ in task.target_turns(ex)]
-                        for ex in examples]
+        turns = turns or [task.target_turns(ex) for ex in examples]
+        self.actions = [[TOK(t[0], add_special_tokens=False)["input_ids"] for t in game] for game in turns]
 
     def generate(self, model, prompts, sampling, *, stop_ids, pad_id, vocab_size, n_per_prompt=None, greedy=False):
         out = []
@@ -156,6 +157,44 @@ def test_sft_rows_are_what_play_feeds_the_model(task, task_cfg):
         assert prompts[r] + ro.completion_ids_BT[r][seen].tolist() == ids
         assert [False] * len(prompts[r]) + ro.action_mask_BT[r][seen].tolist() == [t != -100 for t in labels]
         assert episodes[r].won == (len(games[r].walkthrough) <= task_cfg.max_turns)
+
+
+def test_detour_rows_are_what_play_feeds_the_model_and_train_only_the_experts_actions(task, task_cfg):
+    """A detoured SFT row (``sft_detours``): its rejected action and the game's real reply are exactly what play()
+    feeds the model when it writes that action (the game rejects it: one invalid action), and its labels train
+    every expert action and nothing of the rejected one."""
+    games = all_games(task)
+    detoured = task.detours(games, 1, seed=0)  # one a game: the scripted backend finds a row by its prompt
+    assert len(detoured) == len(games) and detoured != task.detours(games, 1, seed=1)
+    examples, turns = [ex for ex, _ in detoured], [t for _, t in detoured]
+    prompts = [task.prompt_ids(TOK, ex) for ex in examples]
+    ro, episodes = play(Walkthrough(task, examples, turns), None, TOK, prompts, episode_makers(task, examples),
+                        SamplingConfig(), stop_ids=[TOK.eos_token_id], pad_id=TOK.pad_token_id, vocab_size=V,
+                        max_turns=task_cfg.max_turns, max_action_tokens=task_cfg.max_action_tokens,
+                        n_per_prompt=1, greedy=True)
+    rows = sft_rows(task, TOK, games, detours=1, seed=0)[len(games):]
+    for r, (ids, labels) in enumerate(rows):
+        seen = ro.completion_mask_BT[r]
+        assert prompts[r] + ro.completion_ids_BT[r][seen].tolist() == ids
+        assert episodes[r].invalid == 1 and sum(not trained for *_, trained in turns[r]) == 1
+        rejected = TOK(next(a for a, _, trained in turns[r] if not trained), add_special_tokens=False)["input_ids"]
+        trained = [t != -100 for t in labels]
+        action = [False] * len(prompts[r]) + ro.action_mask_BT[r][seen].tolist()
+        assert sum(action) - sum(trained) == len(rejected)  # every action trained but the rejected one
+        assert all(a or not t for a, t in zip(action, trained, strict=True))
+    assert len(sft_rows(task, TOK, games, detours=2, seed=0)) == 3 * len(games)
+
+
+def test_a_new_bootstrap_knob_at_its_default_keeps_the_cached_pairs_keys():
+    """The default math and games pairs' cache keys, pinned (2026-12-02): a knob added at its default (here
+    ``sft_detours`` = 0) must not rebuild every user's pair; setting it gives a new pair."""
+    from opd_exp.config import ModelConfig
+    from opd_exp.models.bootstrap import cache_key, parse_bootstrap
+
+    games, math = TaskConfig(name="agentic"), TaskConfig(name="math")
+    assert cache_key(ModelConfig(), math, parse_bootstrap({})) == "fe676a1672d8"
+    assert cache_key(ModelConfig(), games, parse_bootstrap({})) == "ba91ddcb532e"
+    assert cache_key(ModelConfig(), games, parse_bootstrap({"teacher": {"sft_detours": 1}})) != "ba91ddcb532e"
 
 
 class FakeEpisode:

@@ -50,9 +50,10 @@ def test_ranking_verdicts_and_probe_means(tmp_path):
     summary = summarize(runs, "avg@2")
     by = {r["objective"]: r for r in summary}
     assert [r["objective"] for r in summary[:3]] == ["a", "b", "c"] and "full_rkl" in by
-    assert verdict(by["a"]["diff_to_best"]) == "top"
-    assert verdict(by["b"]["diff_to_best"]) == "not significant"
-    assert verdict(by["c"]["diff_to_best"]) == "significantly lower"
+    assert [by[n]["verdict"] for n in "abc"] == ["top", "not significant", "significantly lower"]
+    # Holm over the two comparisons (full_rkl was only probed: no p): c's p doubled, b's the larger one kept
+    assert by["c"]["p_holm"] == pytest.approx(2 * by["c"]["p"]) and by["b"]["p_holm"] == pytest.approx(by["b"]["p"])
+    assert math.isnan(by["full_rkl"]["p_holm"]) and by["c"]["mde"] > 0
     # avg over the splits: (s + s + s / 2) / 3 = 5 s / 6; a's mean score over seeds 0.6 -> 0.5
     assert by["a"]["accuracy"].mean == pytest.approx(0.5, abs=1e-12) and by["a"]["accuracy"].n == 3
     # every run probes every objective: n = 9 runs; per run the mean over steps 0 and 25
@@ -77,9 +78,11 @@ def test_cli_writes_the_estimators_files(tmp_path):
     assert sum(1 for _ in open(folder / "probe.csv")) == 1 + 9 * 2 * len(COSINE)  # the re-measured row dropped
 
 
-def test_verdict_needs_two_seeds():
-    assert verdict(Stat(0.1, math.nan, math.nan, 1)).startswith("n/a")
-    assert verdict(Stat(-0.1, -0.2, -0.05, 3)) == "significantly lower"
+def test_verdict_follows_the_holm_adjusted_p_and_needs_two_seeds():
+    assert verdict(Stat(0.1, math.nan, math.nan, 1), math.nan).startswith("n/a")
+    assert verdict(Stat(-0.1, -0.2, -0.05, 3), 0.01) == "significantly lower"
+    assert verdict(Stat(-0.1, -0.2, -0.05, 3), 0.06) == "not significant"  # raw CI excludes 0, Holm does not
+    assert verdict(Stat(0.1, 0.05, 0.2, 3), 0.01) == "significantly higher"
 
 
 def test_set_estimator_lrs_rewrites_the_lr_line(tmp_path):

@@ -87,7 +87,8 @@ class MaskConfig:
 class TaskConfig:
     """The prompt source and grader."""
 
-    name: str = spec("math", "task name", choices=["math", "benchmark", "champ", "agentic", "math_agentic"])
+    name: str = spec("math", "task name", choices=["math", "benchmark", "champ", "agentic", "math_agentic",
+                                                   "scienceworld", "alfworld"])
     min_ops: int = spec(2, "fewest +/- operations in a training problem", ge=1)
     max_ops: int = spec(4, "most +/- operations in a training problem", ge=1)
     max_operand: int = spec(9, "operands are drawn from 0..max_operand", ge=1)
@@ -122,6 +123,20 @@ class TaskConfig:
     max_action_tokens: int = spec(12, "tokens per action", ge=1)
     mix: dict = spec(default_factory=lambda: {"math": 1, "agentic": 1},
                      doc="task=math_agentic: batches per task in each round of the schedule (task -> int >= 0)")
+    # external text games for real pairs (opd_exp/tasks/scienceworld.py, alfworld.py); n_train_games,
+    # n_eval_games, max_turns and max_action_tokens above apply to them too
+    env_tasks: list[str] | None = spec(None, "scienceworld: task names (null = all 30); alfworld: task types of "
+                                       "pick_and_place_simple, look_at_obj_in_light, pick_clean_then_place_in_recep, "
+                                       "pick_heat_then_place_in_recep, pick_cool_then_place_in_recep, "
+                                       "pick_two_obj_and_place (null = all six)")
+    env_eval_splits: list[str] | None = spec(None, "eval splits; scienceworld: of dev, test; alfworld: of "
+                                             "eval_in_distribution, eval_out_of_distribution (null = both)")
+    env_max_obs_chars: int = spec(1000, "scienceworld/alfworld: observations are cut at this many characters "
+                                  "(tabs and blank lines dropped)", ge=20)
+    env_list_actions: bool = spec(False, "alfworld: end each observation with the game's admissible actions (as "
+                                  "verl-agent's ALFWorld prompts list them)")
+    alfworld_data: str | None = spec(None, "alfworld: the dir alfworld-download filled (null = env ALFWORLD_DATA, "
+                                     "else ~/.cache/alfworld)")
 
 
 @dataclass

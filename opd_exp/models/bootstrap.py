@@ -69,6 +69,9 @@ class MemberConfig:
                              ge=0)
     sft_games: int = spec(0, "training games the model sees (0 = all; agentic task): the games' data-gap knob",
                           ge=0)
+    sft_detours: int = spec(0, "extra SFT rows per game, each with one action the game rejects (seen, not "
+                            "trained) before an expert turn: the model learns to go on after a weaker policy's "
+                            "errors (AgenticTask.detours); game tasks only", ge=0)
     sft_steps: int = spec(500, "optimizer steps", ge=0)
     batch_size: int = spec(64, "sequences per step", ge=1)
     lr: float = spec(2e-3, "AdamW peak learning rate (linear warm-up, cosine decay to 10%)", gt=0.0)
@@ -141,6 +144,9 @@ def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, boot: BootstrapConfi
     """12 hex digits of sha256 over the bootstrap settings, the task's data knobs (with the games' generator
     version for a task that plays games) and the code version."""
     settings = {k: v for k, v in dataclasses.asdict(boot).items() if k not in HASH_EXCLUDED}
+    for role in ("teacher", "student"):  # a knob at its default (0) is left out: older pairs keep their keys
+        if not settings[role]["sft_detours"]:
+            del settings[role]["sft_detours"]
     keys = ("min_ops", "max_ops", "max_operand", "data_seed", "n_train", "n_eval", "eval_splits", "dataset_path")
     if task_cfg.name != "math":  # the games' knobs (a math pair's key is unchanged by them)
         keys += ("name", "n_train_games", "n_eval_games", "game_rooms", "game_receptacles", "game_distractors",
@@ -182,19 +188,23 @@ def build_model(m: MemberConfig, vocab_size: int, special_ids: dict, seed: int) 
     return AutoModelForCausalLM.from_config(config)
 
 
-def sft_rows(task, tokenizer, examples: list) -> list[tuple[list[int], list[int]]]:
+def sft_rows(task, tokenizer, examples: list, detours: int = 0, seed: int = 0) -> list[tuple[list[int], list[int]]]:
     """(ids, labels) per example: the prompt then the target, labels -100 on the prompt. A multi-turn task's
-    target is the expert's turns (``target_turns``): actions are labels, observation turns -100."""
+    target is the expert's turns (``target_turns``): actions are labels, observation turns -100; ``detours``
+    more rows per game (``AgenticTask.detours``, seeded by ``seed``) hold a rejected action, -100 too."""
+    items = [(ex, [(action, obs, True) for action, obs in task.target_turns(ex)] if hasattr(task, "target_turns")
+              else [(task.target_text(ex), None, True)]) for ex in examples]
+    if detours:
+        items += task.detours(examples, detours, seed)
     rows, texts = [], []
-    for ex in examples:
+    for ex, turns in items:
         texts.append(task.prompt_text(tokenizer, ex))
         ids = task.prompt_ids(tokenizer, ex)
         labels = [-100] * len(ids)
-        turns = task.target_turns(ex) if hasattr(task, "target_turns") else [(task.target_text(ex), None)]
-        for action, observation in turns:
+        for action, observation, trained in turns:
             texts += [action] + ([observation] if observation is not None else [])
             a = tokenizer(action, add_special_tokens=False)["input_ids"]
-            ids, labels = ids + a, labels + a
+            ids, labels = ids + a, labels + (a if trained else [-100] * len(a))
             if observation is not None:
                 o = turn_ids(tokenizer, observation)
                 ids, labels = ids + o, labels + [-100] * len(o)
@@ -381,7 +391,8 @@ def train_member(role: str, m: MemberConfig, boot: BootstrapConfig, task_cfg: Ta
 
     from opd_exp.tasks.mix import schedule
 
-    data = [pad_rows(sft_rows(task, tokenizer, examples), tokenizer.pad_token_id) for _, task, examples, _ in parts]
+    data = [pad_rows(sft_rows(task, tokenizer, examples, m.sft_detours if name != "math" else 0, boot.seed),
+                     tokenizer.pad_token_id) for name, task, examples, _ in parts]
     names = [name for name, *_ in parts]
     order = [names.index(name) for name in schedule({name: weight for name, _, _, weight in parts})]
     first = parts[0][1]

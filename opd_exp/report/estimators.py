@@ -14,8 +14,11 @@ and its summary. Writes into ``out``:
     cosine_over_training.png       cosine to the exact reverse-KL gradient at each probed step
 
 Statistics: an objective's accuracy is one value per run (seed); the probe's are one value per run (the mean
-over its probed steps), each run measuring every objective on its own batches, so the CI is over runs. A
-difference is called significant when the 95% t-interval of the paired (same seed) differences excludes 0.
+over its probed steps), each run measuring every objective on its own batches, so the CI is over runs. Each
+objective is compared with the top-ranked one by the paired (same seed) t-test; the p-values of the family of
+comparisons are Holm-adjusted (Holm 1979), and a difference is called significant when the adjusted p < 0.05.
+Beside it, the minimum detectable effect of the comparison at its seeds (power 0.8). The top is chosen after
+seeing the data, so its margin over the rest is optimistic (a winner's curse); the verdicts are about the order.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 
 from opd_exp.report.figures import pyplot
 from opd_exp.report.runs import Run
-from opd_exp.report.stats import Stat, mean_ci
+from opd_exp.report.stats import Stat, holm, mean_ci, min_detectable_effect, paired_t_p
 
 PROBE_KEYS = ("cosine", "cosine_mb", "rel_variance", "variance", "grad_norm", "time_s", "peak_mb")
 
@@ -57,9 +60,9 @@ def accuracy(run: Run, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
-def paired_difference(a: dict, b: dict) -> Stat:
-    """Mean and 95% CI of a[seed] - b[seed] over the seeds both have."""
-    return mean_ci([a[s] - b[s] for s in sorted(set(a) & set(b), key=str)])
+def paired_differences(a: dict, b: dict) -> list[float]:
+    """a[seed] - b[seed] over the seeds both have."""
+    return [a[s] - b[s] for s in sorted(set(a) & set(b), key=str)]
 
 
 def summarize(runs: list[Run], metric: str) -> list[dict]:
@@ -82,20 +85,28 @@ def summarize(runs: list[Run], metric: str) -> list[dict]:
     best = names[0] if names and acc[names[0]] else None
     out = []
     for name in names:
-        diff = paired_difference(acc[name], acc[best]) if best and name != best else None
-        row = {"objective": name, "accuracy": mean_ci(list(acc[name].values())), "diff_to_best": diff,
-               "verdict": verdict(diff) if acc[name] else "not trained (probed only)"}
+        diffs = paired_differences(acc[name], acc[best]) if best and name != best and acc[name] else None
+        row = {"objective": name, "accuracy": mean_ci(list(acc[name].values())),
+               "diff_to_best": mean_ci(diffs) if diffs is not None else None,
+               "p": paired_t_p(diffs) if diffs is not None else math.nan,
+               "mde": min_detectable_effect(diffs) if diffs is not None else math.nan}
         row |= {key: mean_ci(probe[name][key]) for key in PROBE_KEYS}
         out.append(row)
+    for row, p_holm in zip(out, holm([row["p"] for row in out]), strict=True):
+        row["p_holm"] = p_holm
+        row["verdict"] = verdict(row["diff_to_best"], p_holm) if acc[row["objective"]] else "not trained (probed only)"
     return out
 
 
-def verdict(diff: Stat | None) -> str:
+def verdict(diff: Stat | None, p_holm: float, alpha: float = 0.05) -> str:
+    """top | significantly lower / higher (Holm-adjusted paired p < alpha) | not significant | n/a."""
     if diff is None:
         return "top"
-    if diff.n < 2 or math.isnan(diff.lo):
+    if diff.n < 2 or math.isnan(p_holm):
         return "n/a (< 2 paired seeds)"
-    return "significantly lower" if diff.hi < 0 else "not significant"
+    if p_holm >= alpha:
+        return "not significant"
+    return "significantly lower" if diff.mean < 0 else "significantly higher"
 
 
 def fmt(s: Stat | None, scale: float = 1.0, digits: int = 3) -> str:
@@ -104,6 +115,10 @@ def fmt(s: Stat | None, scale: float = 1.0, digits: int = 3) -> str:
     if math.isnan(s.lo):
         return f"{s.mean * scale:.{digits}g}"
     return f"{s.mean * scale:.{digits}g} ± {(s.hi - s.mean) * scale:.{digits - 1}g}"
+
+
+def fmt_p(p: float) -> str:
+    return "-" if math.isnan(p) else f"{p:.2g}"
 
 
 # ----------------------------------------------------------------------------- writers
@@ -121,21 +136,25 @@ def write_probe_csv(runs: list[Run], path: Path) -> int:
 
 
 def write_summary(summary: list[dict], metric: str, out: Path) -> list[str]:
-    header = ["rank", "objective", f"final {metric} (%)", "vs top (pp, paired)", "verdict", "cosine to exact",
+    header = ["rank", "objective", f"final {metric} (%)", "vs top (pp, paired)", "p (Holm)", "MDE (pp)", "verdict",
+              "cosine to exact",
               "per-micro-batch cosine", "rel. variance", "step time (ms)", "peak extra memory (MB)", "seeds",
               "probe runs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     with open(out / "estimators.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["objective", "acc_mean", "acc_lo", "acc_hi", "acc_n", "diff_mean", "diff_lo", "diff_hi",
-                         "verdict"] + [f"{k}_{s}" for k in PROBE_KEYS for s in ("mean", "lo", "hi", "n")])
+                         "p", "p_holm", "mde", "verdict"]
+                        + [f"{k}_{s}" for k in PROBE_KEYS for s in ("mean", "lo", "hi", "n")])
         for rank, row in enumerate(summary, 1):
             acc, diff = row["accuracy"], row["diff_to_best"]
             d = diff or Stat(math.nan, math.nan, math.nan, 0)
-            writer.writerow([row["objective"], acc.mean, acc.lo, acc.hi, acc.n, d.mean, d.lo, d.hi, row["verdict"]]
+            writer.writerow([row["objective"], acc.mean, acc.lo, acc.hi, acc.n, d.mean, d.lo, d.hi, row["p"],
+                             row["p_holm"], row["mde"], row["verdict"]]
                             + [getattr(row[k], a) for k in PROBE_KEYS for a in ("mean", "lo", "hi", "n")])
             lines.append("| " + " | ".join([
-                str(rank), row["objective"], fmt(acc, 100), fmt(diff, 100), row["verdict"], fmt(row["cosine"]),
+                str(rank), row["objective"], fmt(acc, 100), fmt(diff, 100), fmt_p(row["p_holm"]),
+                "-" if math.isnan(row["mde"]) else f"{100 * row['mde']:.2g}", row["verdict"], fmt(row["cosine"]),
                 fmt(row["cosine_mb"]), fmt(row["rel_variance"]), fmt(row["time_s"], 1000), fmt(row["peak_mb"]),
                 str(acc.n), str(row["cosine"].n)]) + " |")
     (out / "estimators.md").write_text("\n".join(lines) + "\n")
@@ -212,8 +231,11 @@ def write_estimators_report(runs: list[Run], out: Path) -> list[str]:
              "cosine, tr Cov / |mean|^2 across micro-batches, one micro-batch's forward + loss + backward time, and "
              "its peak extra memory (CPU: peak RSS, noise below ~1 MB at the tiny scale). The micro-batches hold "
              "different prompts, so the variance mixes an estimator's sampling noise with the spread of the exact "
-             "gradient across prompts: full_rkl's row is that floor.", "", *table, "",
-             f"- top: **{top}**; not significantly different from it (paired 95% CI includes 0): "
+             "gradient across prompts: full_rkl's row is that floor. 'p (Holm)': the paired t-test's p-value, "
+             "Holm-adjusted over the comparisons with the top; 'MDE': the smallest difference those seeds detect "
+             "with power 0.8 (a 'not significant' row may still differ by less than its MDE). The top is picked "
+             "after seeing the data (its lead is optimistic).", "", *table, "",
+             f"- top: **{top}**; not significantly different from it (Holm-adjusted paired p >= 0.05): "
              f"{', '.join(tied) or 'none'}; significantly lower: {', '.join(lower) or 'none'}.",
              f"- probe rows: {n_rows} (probe.csv); per-objective numbers: estimators.csv.",
              *[f"- ![{f}]({f})" for f in figures], ""]

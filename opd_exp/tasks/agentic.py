@@ -13,7 +13,9 @@ graded exactly as it was played; :meth:`AgenticTask.play_stats` adds the steps t
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +23,9 @@ from pathlib import Path
 from opd_exp.config import TaskConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.models.tokenization import ASSISTANT, DEFAULT_CONVENTION, PAD, USER
-from opd_exp.tasks.env import TextWorldEpisode
-from opd_exp.tasks.games import GameKnobs, ensure_games
-from opd_exp.tasks.prompts import text_ids, user_prompt_text
+from opd_exp.tasks.env import INVALID, TextWorldEpisode
+from opd_exp.tasks.games import TEXT_WORDS, GameKnobs, ensure_games
+from opd_exp.tasks.played import PlayedTask
 
 GAME_KNOBS = ("rooms", "receptacles", "distractors")
 SPLIT_OFFSET = 50_000  # eval split j's seeds start at data_seed * 1e6 + (j + 1) * SPLIT_OFFSET
@@ -59,7 +61,7 @@ def games_dir(cfg: TaskConfig) -> Path:
     return Path(cfg.games_dir or os.environ.get("OPD_EXP_CACHE") or "~/.cache/opd_exp").expanduser()
 
 
-class AgenticTask:
+class AgenticTask(PlayedTask):
     """Train pool and eval splits of games, prompts, episodes and grading (see the module docstring)."""
 
     name = "agentic"
@@ -81,12 +83,9 @@ class AgenticTask:
                             walkthrough=r["walkthrough"], turns=r["turns"], split=split) for r in records]
 
     # --------------------------------------------------------------------------------------------------------
-    def prompt_text(self, tokenizer, example: GameExample) -> str:
-        """The goal and first observation as the user turn, ending with the assistant's generation prompt."""
-        return user_prompt_text(tokenizer, example.first_observation)
-
-    def prompt_ids(self, tokenizer, example: GameExample) -> list[int]:
-        return text_ids(tokenizer, self.prompt_text(tokenizer, example))
+    def first_observation(self, example: GameExample) -> str:
+        """The goal and first observation (the prompt's user turn, :meth:`PlayedTask.prompt_text`)."""
+        return example.first_observation
 
     def episode(self, example: GameExample) -> TextWorldEpisode:
         """A fresh episode of the example's game."""
@@ -98,6 +97,39 @@ class AgenticTask:
         turns = [(f"{action}{self.convention.end}", obs) for action, obs in example.turns[: self.cfg.max_turns]]
         return turns[:-1] + [(turns[-1][0], None)]
 
+    def detour_turns(self, example: GameExample, bad_action: str, at: int) -> list[tuple[str, str | None, bool]]:
+        """The expert's turns with ``bad_action``, an action the game rejects, played before expert turn ``at``:
+        (action + end token, next observation or None after the last action, trained). The rejected action and
+        the game's reply (``invalid command.`` and the unchanged observation, as :class:`TextWorldEpisode`
+        writes it) are in the context and out of the loss; at most ``task.max_turns`` actions in all."""
+        end = self.convention.end
+        before = (example.turns[at - 1][1] if at else
+                  example.first_observation.removeprefix(example.goal).strip())
+        turns = [(f"{action}{end}", obs, True) for action, obs in example.turns]
+        turns.insert(at, (f"{bad_action}{end}", f"{INVALID} {before}", False))
+        turns = turns[: self.cfg.max_turns]
+        return turns[:-1] + [(turns[-1][0], None, turns[-1][2])]
+
+    def detours(self, examples: list[GameExample], per_game: int, seed: int
+                ) -> list[tuple[GameExample, list[tuple[str, str | None, bool]]]]:
+        """``per_game`` detoured copies of each game's expert turns (:meth:`detour_turns`), each with one
+        action the game rejects before a uniformly drawn expert turn (never after the last one kept): another
+        game's expert action that names something this game does not hold, the commonest error of a policy that
+        memorised other games. Seeded by ``seed``. The SFT data of ``model.bootstrap.<member>.sft_detours``:
+        demonstrations that show how to go on after an error (DART's noise injected into the demonstrator,
+        arXiv 1703.09327; DAgger's states of the learner, arXiv 1011.0686), so that a teacher scores the
+        student's contexts, not only the expert's."""
+        rng = random.Random(seed)
+        pool = sorted({a for ex in examples for a in ex.walkthrough if not a.startswith("go ")})
+        out = []
+        for ex in examples:
+            names = game_names(ex.file)
+            foreign = [a for a in pool if any(w not in names and w not in TEXT_WORDS for w in a.split())]
+            kept = min(len(ex.turns), self.cfg.max_turns - 1)
+            for _ in range(per_game if foreign and kept else 0):
+                out.append((ex, self.detour_turns(ex, rng.choice(foreign), rng.randrange(kept))))
+        return out
+
     @staticmethod
     def actions(completion_text: str, end: str = DEFAULT_CONVENTION.end) -> list[str]:
         """The actions a decoded completion wrote: the text before each end token or observation turn."""
@@ -106,20 +138,13 @@ class AgenticTask:
         out = [pieces[0]] + [p.split(ASSISTANT, 1)[1] for p in pieces[1:] if ASSISTANT in p]
         return [re.sub(re.escape(end) + ".*", "", p, flags=re.S).strip() for p in out if p.strip()]
 
-    def replay(self, completion_text: str, example: GameExample) -> TextWorldEpisode:
-        """A fresh episode played through the completion's actions (stopping when the game is over)."""
-        ep = self.episode(example)
-        ep.reset()
-        for action in self.actions(completion_text, self.convention.end)[: self.cfg.max_turns]:
-            if ep.step(action)[1]:
-                break
-        return ep
+    def completion_actions(self, completion_text: str) -> list[str]:
+        """The actions :meth:`PlayedTask.replay` plays: :meth:`actions` with this task's end token."""
+        return self.actions(completion_text, self.convention.end)
 
-    def grade(self, completion_text: str, example: GameExample) -> bool:
-        """Whether the completion's actions win the game."""
-        return self.replay(completion_text, example).won
 
-    def play_stats(self, completion_text: str, example: GameExample) -> dict[str, float]:
-        """{"won", "steps", "invalid"} of the completion's replay."""
-        ep = self.replay(completion_text, example)
-        return {"won": float(ep.won), "steps": float(ep.steps), "invalid": float(ep.invalid)}
+def game_names(game_file: str) -> set[str]:
+    """Every word of every entity name in a TextWorld JSON game (rooms, receptacles, objects): an action naming
+    any other word (besides the commands' own words) is one the game must reject."""
+    infos = json.loads(Path(game_file).read_text())["infos"]
+    return {w for _, info in infos for w in (info.get("name") or "").lower().split()}

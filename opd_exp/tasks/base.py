@@ -18,7 +18,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from opd_exp.config import TaskConfig
+from opd_exp.config import ModelConfig, TaskConfig
 from opd_exp.config.validation import ConfigError
 
 
@@ -43,13 +43,26 @@ class Task(Protocol):
 def task_registry() -> dict[str, type]:
     """name -> Task class (imported here, so that importing the protocol stays cheap)."""
     from opd_exp.tasks.agentic import AgenticTask
+    from opd_exp.tasks.alfworld import AlfworldTask
     from opd_exp.tasks.benchmark import BenchmarkTask
     from opd_exp.tasks.champ import ChampTask
     from opd_exp.tasks.math import MathTask
     from opd_exp.tasks.mix import MixTask
+    from opd_exp.tasks.scienceworld import ScienceWorldTask
 
     return {"math": MathTask, "benchmark": BenchmarkTask, "champ": ChampTask, "agentic": AgenticTask,
-            "math_agentic": MixTask}
+            "math_agentic": MixTask, "scienceworld": ScienceWorldTask, "alfworld": AlfworldTask}
+
+
+def check_task_pair(task_cfg: TaskConfig, model_cfg: ModelConfig) -> None:
+    """A task for real pairs (``needs_real_pair``: an engine's English, which the embedded pair's 110-id
+    tokenizer cannot hold) with the tiny pair: a ConfigError before anything is built or loaded."""
+    task = task_registry().get(task_cfg.name)
+    if model_cfg.kind == "tiny" and getattr(task, "needs_real_pair", False):
+        raise ConfigError("model.kind", f"got 'tiny' with task={task_cfg.name}: the embedded pair's 110-id "
+                          f"tokenizer cannot hold {task_cfg.name}'s text; pick a real pair: model=pair_template "
+                          "model.teacher_path=<teacher> model.student_path=<student> (or a conf/model/ file with "
+                          "kind: pretrained, e.g. model=paper_alfworld)")
 
 
 _BUILT: dict[str, Task] = {}  # the last task built, by its config: the start-up check and the run share it

@@ -1,21 +1,27 @@
-"""The environment protocol of multi-turn tasks, and its TextWorld and ScienceWorld adapters.
+"""The environment protocol of multi-turn tasks, and its TextWorld, ScienceWorld and ALFWorld adapters.
 
     ep = task.episode(example)      # an Episode, fresh
     obs = ep.reset()                # the first user turn: goal and trimmed observation
     obs, done = ep.step("take mug from table")   # any text: an invalid action gets the game's own feedback
     ep.won, ep.steps, ep.invalid    # success, actions taken, actions the game rejected
 
-Observations are trimmed to what an agent needs (room, what lies where, exits, inventory, the last feedback)
-so that contexts stay short for the tiny models. Engines are imported lazily: ``textworld`` (the
-``agentic`` extra) and ``scienceworld`` (needs Java) only when an episode of theirs is made.
+The generated games' observations are trimmed to what an agent needs (room, what lies where, exits, inventory,
+the last feedback) so that contexts stay short for the tiny models; ScienceWorld's and ALFWorld's are the
+engines' own English (:func:`trim`: for real pairs). Engines are imported lazily, only when an episode of theirs
+is made: ``textworld`` (the ``agentic`` extra), ``scienceworld`` (the ``scienceworld`` extra; needs Java),
+``alfworld`` (installed by hand, with its data: README).
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Protocol
 
 INVALID = "invalid command."  # TextWorld's own feedback ("Invalid command."), as the trimmed text writes it
+SCIENCEWORLD_INVALID = "No known action matches that input."
+ALFWORLD_BANNER = "-= Welcome to TextWorld, ALFRED! =-"
 DIRECTIONS = ("north", "south", "east", "west")
 
 
@@ -92,29 +98,94 @@ class TextWorldEpisode:
         return (f"{INVALID} " if rejected else "") + self._observe(state), bool(done)
 
 
-class ScienceWorldEpisode:
-    """A ScienceWorld task variation (arXiv 2203.07540; ``scienceworld`` on PyPI, needs Java), its
-    observation trimmed to the look-around's first ``max_chars`` characters. Success = score 100."""
+def trim(text: str, max_chars: int) -> str:
+    """An engine's text for a real pair's context: tabs and blank lines dropped, at most ``max_chars``."""
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    text = "\n".join(line for line in lines if line)
+    return text if len(text) <= max_chars else text[: max_chars - 3].rstrip() + "..."
 
-    def __init__(self, task: str, variation: int, max_chars: int = 400):
+
+@functools.cache
+def scienceworld_jvm(pid: int):
+    """The ScienceWorld environment whose JVM process ``pid`` uses (a forked child starts its own): started once,
+    as ``ScienceWorldEnv`` starts it (2 s; ~0.7 GB with eight simulators), and kept (deleting it stops the JVM)."""
+    from scienceworld import ScienceWorldEnv
+
+    return ScienceWorldEnv("")
+
+
+def scienceworld_simulator():
+    """A fresh ScienceWorld simulator (the jar's ``PythonInterface``, the object ``ScienceWorldEnv`` drives) in
+    this process's JVM: one per episode, so that a batch of episodes shares one JVM instead of one each."""
+    return scienceworld_jvm(os.getpid())._gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
+
+
+class ScienceWorldEpisode:
+    """A ScienceWorld task variation (arXiv 2203.07540; ``scienceworld`` on PyPI, needs Java). Success = score
+    100; a negative score (a failed task) ends the episode, as ``ScienceWorldEnv.step`` ends it.
+
+    It calls the simulator as ``ScienceWorldEnv`` does, minus what an agent here never reads:
+    ``ScienceWorldEnv.step`` also lists every valid action at every step (0.25 s a step against 0.02-0.08 s)."""
+
+    def __init__(self, task: str, variation: int, max_chars: int = 1000):
         self.task, self.variation, self.max_chars = task, variation, max_chars
-        self.won, self.steps, self.invalid, self._env = False, 0, 0, None
+        self.won, self.steps, self.invalid, self._sim = False, 0, 0, None
 
     def reset(self) -> str:
-        from scienceworld import ScienceWorldEnv
-
-        self._env = ScienceWorldEnv("", envStepLimit=100)
-        self._env.load(self.task, self.variation)
-        obs, info = self._env.reset()
+        """Load the variation; the task description and the look-around."""
+        if self._sim is None:  # kept across resets: a replay reloads the same simulator
+            self._sim = scienceworld_simulator()
+        self._sim.load(self.task, self.variation, "", False)
+        self._sim.reset()
         self.won, self.steps, self.invalid = False, 0, 0
-        return f"goal: {self._env.get_task_description()} {self._trim(info['look'])}"
-
-    def _trim(self, text: str) -> str:
-        return " ".join(text.split())[: self.max_chars]
+        return trim(f"goal: {self._sim.getTaskDescription()}\n{self._sim.freeActionLook()}", self.max_chars)
 
     def step(self, action: str) -> tuple[str, bool]:
-        obs, _, done, info = self._env.step(" ".join(action.split()))
+        obs = self._sim.step(" ".join(action.split()))
         self.steps += 1
-        self.invalid += "no known action" in obs.lower()
-        self.won = info.get("score", 0) >= 100
-        return self._trim(obs), bool(done) or self.won
+        self.invalid += obs.strip() == SCIENCEWORLD_INVALID
+        score = self._sim.getScore()
+        self.won = score >= 1.0
+        return trim(obs, self.max_chars), bool(self._sim.getCompleted()) or self.won or score < 0
+
+
+def start_alfworld_game(game_file: str):
+    """ALFWorld's TextWorld game (a ``.tw-pddl`` file: its PDDL domain, problem and grammar) started as
+    ``AlfredTWEnv`` starts it: TextWorld's PDDL engine, object ids demangled to names ("apple 1"), unshuffled as
+    in ALFWorld's evaluation."""
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+
+    infos = textworld.EnvInfos(won=True, admissible_commands=True)
+    return textworld.start(game_file, infos, wrappers=[AlfredDemangler(shuffle=False)])
+
+
+class AlfworldEpisode:
+    """One ALFWorld text game (arXiv 2010.03768). An action outside the game's admissible commands is invalid
+    (the game answers "Nothing happens."); ``list_actions`` ends each observation with the admissible commands,
+    as verl-agent's prompts list them. Success = won."""
+
+    def __init__(self, game_file: str | Path, max_chars: int = 1000, list_actions: bool = False):
+        self.game_file, self.max_chars, self.list_actions = str(game_file), max_chars, list_actions
+        self.won, self.steps, self.invalid, self._env, self._admissible = False, 0, 0, None, []
+
+    def _observe(self, state) -> str:
+        self._admissible = list(state["admissible_commands"] or [])
+        text = state.feedback.replace(ALFWORLD_BANNER, "")
+        if self.list_actions:
+            text += "\nadmissible actions: " + ", ".join(self._admissible)
+        return trim(text, self.max_chars)
+
+    def reset(self) -> str:
+        """Start the game; its intro ("You are in the middle of a room ... Your task is to: ...")."""
+        self._env = start_alfworld_game(self.game_file)
+        self.won, self.steps, self.invalid = False, 0, 0
+        return self._observe(self._env.reset())
+
+    def step(self, action: str) -> tuple[str, bool]:
+        command = " ".join(action.lower().split())
+        self.invalid += command not in self._admissible
+        state, _, done = self._env.step(command)
+        self.steps += 1
+        self.won = bool(state["won"])
+        return self._observe(state), bool(done) or self.won
