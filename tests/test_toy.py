@@ -4,6 +4,7 @@ and the real CLI + report at smoke scale."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 from opd_exp.config import RunConfig
 from opd_exp.config.validation import ConfigError
 from opd_exp.toy import exact, gamma, report
-from opd_exp.toy.env import MirrorTasks, final_distance, rollout, visitation
+from opd_exp.toy.env import MirrorTasks, bounded_step, final_distance, rollout, visitation
 from opd_exp.toy.estimators import microbatch_grad_variance, output_layer_grads, reward_to_go, surrogate_per_traj
 from opd_exp.toy.policy import GaussianMLP, gaussian_kl, gaussian_logprob, n_params
 from opd_exp.toy.tabular import (
@@ -27,6 +28,7 @@ from opd_exp.toy.tabular import (
     make_pair,
     sample_sequences,
 )
+from opd_exp.toy.teachers import teacher_rewards
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -95,6 +97,93 @@ def test_env_noise_adds_variance():
     env = MirrorTasks(horizon=8, env_noise=0.4)
     ro = rollout(env, ConstantPolicy(0.0, 0.3), 0, 50_000, torch.Generator().manual_seed(4))
     assert ro.states_NT1[:, -1].var().item() == pytest.approx(8 * (0.3**2 + 0.4**2), rel=0.03)
+
+
+class LearnableMean(torch.nn.Module):
+    """pi(a | x) = N(mu, std^2) with a learnable mu, whatever x (shape (...) of the observations' batch dims)."""
+
+    def __init__(self, mean: float, std: float):
+        super().__init__()
+        self.mu, self.std = torch.nn.Parameter(torch.tensor(mean)), torch.tensor(std)
+
+    def forward(self, obs):
+        return self.mu.expand(obs.shape[:-1]), self.std.expand(obs.shape[:-1])
+
+
+def old_rollout_states(env: MirrorTasks, policy, task: int, n: int, gen: torch.Generator) -> torch.Tensor:
+    """The rollout before the step bound (commit a320a3f), written out: s_{t+1} = s_t + a_t + env_noise xi_t."""
+    T = env.horizon
+    states = torch.full((n, T + 1), env.start_of(task))
+    noise, xi = torch.randn(n, T, generator=gen), torch.randn(n, T, generator=gen) if env.env_noise > 0 else None
+    for t in range(T):
+        obs = torch.stack([torch.full((n,), env.task_id(task)), states[:, t] / env.position_scale,
+                           torch.full((n,), t / T)], dim=-1)
+        mean, std = policy(obs)
+        states[:, t + 1] = states[:, t] + torch.addcmul(mean, std, noise[:, t])
+        if xi is not None:
+            states[:, t + 1] += env.env_noise * xi[:, t]
+    return states
+
+
+@pytest.mark.parametrize("max_step", [None, 0.0])
+@pytest.mark.parametrize("env_noise", [0.0, 0.3])
+@torch.no_grad()
+def test_unbounded_step_reproduces_the_old_trajectories_bit_for_bit(max_step, env_noise):
+    torch.manual_seed(0)
+    policy = GaussianMLP(16)
+    env = MirrorTasks(horizon=12, env_noise=env_noise, max_step=max_step)
+    for task in (0, 1):
+        new = rollout(env, policy, task, 32, torch.Generator().manual_seed(9)).states_NT1
+        assert torch.equal(new, old_rollout_states(env, policy, task, 32, torch.Generator().manual_seed(9)))
+        bounded = rollout(MirrorTasks(horizon=12, env_noise=env_noise, max_step=0.5), policy, task, 32,
+                          torch.Generator().manual_seed(9)).states_NT1
+        assert not torch.equal(bounded, new)  # the comparison can tell a bound from none
+
+
+def test_bounded_step_never_exceeds_max_step():
+    env = MirrorTasks(horizon=10, max_step=0.4)
+    ro = rollout(env, ConstantPolicy(0.3, 2.0), 0, 20_000, torch.Generator().manual_seed(6))
+    steps = ro.states_NT1[:, 1:] - ro.states_NT1[:, :-1]
+    assert ro.actions_NT.abs().max() > 4.0  # the sampled actions do go far beyond the bound ...
+    assert steps.abs().max() <= 0.4 + 1e-6 and steps.abs().max() > 0.39  # ... the applied steps do not
+    torch.testing.assert_close(steps, 0.4 * torch.tanh(ro.actions_NT / 0.4))
+    small = torch.tensor([1e-3, -2e-3])
+    torch.testing.assert_close(bounded_step(small, 0.4), small, rtol=1e-5, atol=0)  # ~identity well inside
+
+
+def test_env_noise_applied_as_configured():
+    """s_{t+1} - s_t = step(a_t) + env_noise xi_t with a_t = mean + std eps_t, eps and xi from ``gen`` in that
+    order: the draws are replayed from a second generator with the same seed."""
+    env = MirrorTasks(horizon=6, env_noise=0.25, max_step=0.5)
+    ro = rollout(env, ConstantPolicy(-0.2, 0.7), 1, 1000, torch.Generator().manual_seed(8))
+    replay = torch.Generator().manual_seed(8)
+    eps, xi = torch.randn(1000, 6, generator=replay), torch.randn(1000, 6, generator=replay)
+    torch.testing.assert_close(ro.actions_NT, -0.2 + 0.7 * eps)
+    torch.testing.assert_close(ro.states_NT1[:, 1:] - ro.states_NT1[:, :-1],
+                               bounded_step(ro.actions_NT, 0.5) + 0.25 * xi)
+
+
+def test_bounded_env_score_function_estimator_is_exact():
+    """T = 1 through the bounded env: the estimator uses log pi of the stored (pre-squash) action, so
+    E[g_1] = d/dmu KL(N(mu, s) || N(mq, sq)) = (mu - mq) / sq^2 whatever the bound (tanh is invertible, so this
+    is the KL of the trajectories). Scoring the applied step instead would give a different mean."""
+    policy, (mq, sq) = LearnableMean(0.7, 0.5), (-0.2, 0.8)
+    env = MirrorTasks(horizon=1, max_step=0.3)
+    ro = rollout(env, policy, 0, 400_000, torch.Generator().manual_seed(2))
+    assert ro.actions_NT.mean().item() == pytest.approx(0.7, abs=0.005)  # the sample, not the step (< 0.3)
+    logp = gaussian_logprob(ro.actions_NT, *policy(ro.obs_NT3))
+    rewards = logp.detach() - gaussian_logprob(ro.actions_NT, torch.tensor(mq), torch.tensor(sq))
+    surrogate_per_traj(logp, rewards, 1.0).mean().backward()
+    assert policy.mu.grad.item() == pytest.approx((0.7 - mq) / sq**2, abs=0.02)
+
+
+def test_teacher_rewards_known_answer():
+    env = MirrorTasks(horizon=2, max_step=0.5)
+    ro = rollout(env, ConstantPolicy(-1.0, 0.0), 0, 3, torch.Generator().manual_seed(0))
+    step = 0.5 * math.tanh(-2.0)  # task 0: start +2, goal -3
+    want = torch.tensor([-abs(2 + step + 3) - 0.1, -abs(2 + 2 * step + 3) - 0.1]).expand(3, 2)
+    torch.testing.assert_close(teacher_rewards(env, ro, 0.1), want)
+    torch.testing.assert_close(teacher_rewards(env, ro, 0.0), want + 0.1)
 
 
 def test_visitation_counts_every_state_once():
@@ -198,6 +287,9 @@ def test_configs_reject_bad_values_by_name():
         gamma.load_config(RunConfig(runner="toy_gamma", toy={"gama": 0.5}))
     with pytest.raises(ConfigError, match="toy.micro_batches"):
         gamma.load_config(RunConfig(runner="toy_gamma", toy={"batch": 60, "micro_batches": 8}))
+    with pytest.raises(ConfigError, match="toy.max_step"):
+        gamma.load_config(RunConfig(runner="toy_gamma", toy={"max_step": -0.5}))
+    assert gamma.make_env(gamma.load_config(RunConfig(runner="toy_gamma", toy={"max_step": None}))).max_step is None
     with pytest.raises(ConfigError, match="toy.gammas"):
         exact.load_config(RunConfig(runner="toy_exact", toy={"gammas": [0.0, 1.5]}))
 

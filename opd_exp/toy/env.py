@@ -1,8 +1,15 @@
 """The toy's environment: 1-D continuous control with two mirror tasks (PAPER.md, "The toy study").
 
     task 0: start s_0 = +start, goal -goal        task 1: start s_0 = -start, goal +goal
-    s_{t+1} = s_t + a_t + env_noise * xi_t,  a_t ~ pi(. | x_t),  xi_t ~ N(0, 1),  t = 0 .. T-1
+    s_{t+1} = s_t + step(a_t) + env_noise * xi_t,  a_t ~ pi(. | x_t),  xi_t ~ N(0, 1),  t = 0 .. T-1
+    step(a) = max_step * tanh(a / max_step)   (step(a) = a when max_step is None or 0: unbounded)
     x_t = (task id, s_t / position_scale, t / T), task id = +1 for task 0 and -1 for task 1
+
+The bound is part of the transition, not of the policy: the stored action is the pre-squash Gaussian sample
+a_t, so log pi(a_t | x_t) stays the exact Gaussian log-density and the score-function estimators stay exact
+(the states are a deterministic function of the actions and xi, and xi has the same law under student and
+teacher, so the sequence KL is the KL of the action sequences). tanh rather than a clip: it is invertible,
+smooth, and close to the identity for |a| << max_step.
 
 Everything is vectorised over N trajectories. Rollouts are sampled without grad; the log-probs are
 re-computed afterwards from the stored observations and actions (a score-function estimator never
@@ -29,6 +36,7 @@ class MirrorTasks:
     goal: float = 3.0
     env_noise: float = 0.0
     position_scale: float = 3.0
+    max_step: float | None = None
 
     def start_of(self, task: int) -> float:
         return self.start if task == 0 else -self.start
@@ -46,9 +54,14 @@ class MirrorTasks:
                             torch.full((n,), t / self.horizon)], dim=-1)
 
 
+def bounded_step(actions: torch.Tensor, max_step: float | None) -> torch.Tensor:
+    """The applied step max_step * tanh(a / max_step), elementwise; ``a`` itself when max_step is None or 0."""
+    return max_step * torch.tanh(actions / max_step) if max_step else actions
+
+
 @dataclass
 class Rollout:
-    """N trajectories of one task: obs (N, T, 3), actions (N, T), states (N, T + 1) with states[:, 0] = s_0."""
+    """N trajectories of one task: obs (N, T, 3), pre-squash actions (N, T), states (N, T + 1), states[:, 0] = s_0."""
 
     task: int
     obs_NT3: torch.Tensor
@@ -73,7 +86,7 @@ def rollout(env: MirrorTasks, policy: GaussianMLP, task: int, n: int, gen: torch
         obs_NT3[:, t, 1] = states_NT1[:, t] / env.position_scale
         mean, std = policy(obs_NT3[:, t])
         torch.addcmul(mean, std, noise_NT[:, t], out=actions_NT[:, t])
-        torch.add(states_NT1[:, t], actions_NT[:, t], out=states_NT1[:, t + 1])
+        torch.add(states_NT1[:, t], bounded_step(actions_NT[:, t], env.max_step), out=states_NT1[:, t + 1])
         if xi_NT is not None:
             states_NT1[:, t + 1] += xi_NT[:, t]
     return Rollout(task, obs_NT3, actions_NT, states_NT1)

@@ -41,8 +41,10 @@ class ToyGammaConfig:
     horizon: int = spec(20, "steps per trajectory T (choice; unknown in the paper)", ge=1)
     start: float = spec(2.0, "task 0 starts at +start, task 1 at -start", gt=0.0)
     goal: float = spec(3.0, "task 0's goal is -goal, task 1's +goal", gt=0.0)
-    env_noise: float = spec(0.0, "std of extra transition noise (choice: none, the policy's std is the noise)",
-                            ge=0.0)
+    max_step: float | None = spec(None, "bound of the applied step max_step * tanh(a / max_step) (choice: "
+                                  "reaching the goal takes half the horizon); null or 0: unbounded", ge=0.0)
+    env_noise: float = spec(0.0, "std of the transition noise xi_t (choice: uncorrected it drifts beyond "
+                            "success_radius; one step can correct it)", ge=0.0)
     position_scale: float = spec(3.0, "positions are divided by this in the policy input", gt=0.0)
     hidden: int = spec(60, "MLP width (60 gives 3962 parameters, the paper's ~4K)", ge=1)
     min_std: float = spec(0.1, "lower bound of the policy std (choice; keeps log-ratios finite)", gt=0.0)
@@ -53,6 +55,8 @@ class ToyGammaConfig:
     teacher_iterations: int = spec(500, "REINFORCE iterations per teacher (choice: enough to converge)", ge=0)
     teacher_batch: int = spec(64, "trajectories per teacher iteration", ge=1)
     teacher_lr: float = spec(3e-3, "teacher Adam learning rate", gt=0.0)
+    teacher_action_cost: float = spec(0.0, "teacher reward -= this * a_t^2 (choice: a control cost that keeps "
+                                      "the pre-squash action out of tanh saturation)", ge=0.0)
     teacher_cache: str | None = spec(None, "teacher cache dir (null: <run_dir>/../.toy_teachers)")
     log_every: int = spec(10, "train/* metrics are means over this many iterations", ge=1)
     eval_every: int = spec(100, "evaluate both tasks every N iterations", ge=1)
@@ -70,7 +74,7 @@ def load_config(cfg: RunConfig) -> ToyGammaConfig:
 
 
 def make_env(toy: ToyGammaConfig) -> MirrorTasks:
-    return MirrorTasks(toy.horizon, toy.start, toy.goal, toy.env_noise, toy.position_scale)
+    return MirrorTasks(toy.horizon, toy.start, toy.goal, toy.env_noise, toy.position_scale, toy.max_step)
 
 
 # --------------------------------------------------------------------------------------------- one iteration
@@ -127,7 +131,7 @@ def run(cfg: RunConfig, run_dir: Path) -> dict:
     toy = load_config(cfg)
     env = make_env(toy)
     tspec = TeacherSpec(env, toy.hidden, toy.min_std, toy.teacher_iterations, toy.teacher_batch,
-                        toy.teacher_lr, cfg.seed)
+                        toy.teacher_lr, cfg.seed, toy.teacher_action_cost)
     cache = Path(toy.teacher_cache).expanduser() if toy.teacher_cache else run_dir.parent / ".toy_teachers"
     teachers = load_or_train(tspec, cache)
     # the student's init and noise depend on the seed only, so the gammas of a seed are paired

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from opd_exp.report.runs import shown_path
 from opd_exp.rundir import atomic_write_text, git_commit, read_summary
@@ -58,6 +59,16 @@ def timing(runs: list[dict]) -> dict[str, float]:
     return {"cells": len(runs), "sum_cell_s": sum(float(r.get("wall_time_s") or 0) for r in runs),
             "sum_cpu_s": sum(float(r["results"].get("cpu_seconds", float("nan"))) for r in runs),
             "span_s": max(ends) - min(starts) if starts else float("nan")}
+
+
+def launcher_of(runs: list[dict]) -> str:
+    """How the cells ran, from the first run's .hydra/hydra.yaml (hydra.launcher): 'n joblib workers' or one
+    at a time."""
+    path = Path(runs[0]["run_dir"]) / ".hydra" / "hydra.yaml"
+    launcher = (yaml.safe_load(path.read_text()) or {}).get("hydra", {}).get("launcher", {}) if path.exists() else {}
+    if "n_jobs" in launcher:
+        return f"{launcher['n_jobs']} joblib workers"
+    return "one cell at a time (hydra's basic launcher)" if launcher else "an unknown launcher"
 
 
 def write_toy_report(run_dirs: list[Path], out_dir: Path) -> None:
@@ -105,10 +116,12 @@ held fixed; tests pin E[g_1] = grad J_seq and E[g_0] = grad J_tok against autogr
 
 CHOICES = """## Choices where the paper is silent (all are config keys)
 
-- Continuous toy: horizon T = {horizon}; no extra transition noise (env_noise = {env_noise}; the policy's std is
-  the only noise); policy std bounded below by {min_std}; ReLU MLP 3 -> {hidden} -> {hidden} -> 2 ({n_params:.0f}
-  parameters); student Adam lr {lr} (not tuned); teachers: REINFORCE on -|s_t+1 - goal| with a batch-mean
-  baseline, {teacher_iterations} iterations (mean teacher distance to goal at the end: {teacher_dist:.3f});
+- Continuous toy: horizon T = {horizon}; applied step max_step * tanh(a_t / max_step) with max_step = {max_step}
+  (None or 0: unbounded) and transition noise std env_noise = {env_noise} (why: conf/experiment/toy_gamma.yaml);
+  the estimators score the pre-squash action a_t; policy std bounded below by {min_std}; ReLU MLP
+  3 -> {hidden} -> {hidden} -> 2 ({n_params:.0f} parameters); student Adam lr {lr} (not tuned); teachers:
+  REINFORCE on -|s_t+1 - goal| - {teacher_action_cost} a_t^2 with a batch-mean baseline, {teacher_iterations}
+  iterations (mean teacher distance to goal at the end: {teacher_dist:.3f});
   a run "reaches a goal" when at least half of 256 evaluation trajectories end within {success_radius} of it.
 - Variance proxy: the batch of {batch} trajectories is split into {micro_batches} consecutive micro-batches; the
   output layer's (W, b) gradient of each micro-batch's mean surrogate; the unbiased variance across micro-batches,
@@ -135,16 +148,17 @@ def render_readme(sections: list, failed: list[dict], report_s: float) -> str:
     parts = [INTRO.format(date=dt.date.today().isoformat(), commit=(git_commit() or "unknown")[:10])]
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     parts.append("## Scale, seeds and wall time\n")
-    params = {}
+    params, launcher = {"max_step": None, "teacher_action_cost": 0.0}, "an unknown launcher"  # older runs lack them
     for name, runs, _, extra in sections:
         keys = ["gamma"] if name == "toy_gamma" else ["coupling"]
         parts.append(_sweep_line(name, runs, keys))
         params.update(runs[0]["toy"])
+        launcher = launcher_of(runs)
         if name == "toy_gamma":
             params.update(n_params=extra["student parameters"], teacher_dist=extra["mean teacher distance to goal"])
     parts.append(f"- This report: {report_s:.0f} s. Machine: {os.cpu_count()} CPU cores, load average "
                  f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when it was written; the cells "
-                 "ran as 2 joblib workers with 1 torch thread each.\n")
+                 f"ran as {launcher} with 1 torch thread each.\n")
     parts.append("## Verdicts (95% t-intervals over seeds; each test uses one number per seed)\n")
     for name, _, verdicts, extra in sections:
         parts.append(f"### {name}\n")
