@@ -356,5 +356,6 @@ def test_unknown_task_teacher_is_a_config_error():
     from opd_exp.config import load_run_config
     from opd_exp.config.validation import ConfigError
 
-    with pytest.raises(ConfigError, match="model.teachers.agentc"):
+    with pytest.raises(ConfigError, match="unknown task 'agentc'") as err:
         load_run_config({"model": {"teachers": {"agentc": "/tmp/x"}}})
+    assert err.value.field == "model.teachers" and "math, agentic" in str(err.value)

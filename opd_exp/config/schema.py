@@ -304,7 +304,7 @@ def check_cross_fields(cfg: RunConfig) -> None:
                           "teacher scores responses; it is not evaluated here)")
     for name in cfg.model.teachers or {}:  # a teacher per task (the mix): only tasks a run can train on
         if name not in ("math", "agentic"):
-            raise ConfigError(f"model.teachers.{name}", "unknown task; allowed values: math, agentic")
+            raise ConfigError("model.teachers", f"unknown task {name!r}; allowed keys: math, agentic")
     if cfg.eval.n_prompts is not None and cfg.eval.n_prompts > cfg.task.n_eval:
         raise ConfigError("eval.n_prompts", f"got {cfg.eval.n_prompts}, allowed: <= task.n_eval "
                           f"({cfg.task.n_eval}), the prompts each eval split has")
