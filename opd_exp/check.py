@@ -4,6 +4,7 @@ Usage:
     opd-exp-check                                          # the embedded tiny pair on the arithmetic task
     opd-exp-check model=qwen_small task=champ              # a real pair on the offline CHAMP benchmark
     opd-exp-check model=pair_template model.teacher_path=T model.student_path=S task=benchmark eval.n_prompts=8
+    opd-exp-check --pair-only [overrides]                  # only find (bootstrapping the tiny pair) and print it
 
 What it does, in order, printing each part:
     1. loads the task's data and both models (time, parameters, peak memory)
@@ -193,10 +194,17 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return
+    pair_only = "--pair-only" in args
+    args = [a for a in args if a != "--pair-only"]
     try:
-        from opd_exp.models.pair import ModelLoadError
+        from opd_exp.models.pair import ModelLoadError, pair_paths
 
-        problems = check(compose_config(args))
+        cfg = compose_config(args)
+        if pair_only:  # scripts/reproduce_paper.sh: the pair bootstrapped on every core before a sweep
+            print("\n".join(f"{name}: {path}" for name, path in
+                            zip(("teacher", "student", "tokenizer"), pair_paths(cfg.model, cfg.task), strict=True)))
+            return
+        problems = check(cfg)
     except (ConfigError, ModelLoadError) as err:
         print(str(err).splitlines()[0] if isinstance(err, ConfigError) else str(err), file=sys.stderr)
         sys.exit(2)

@@ -72,3 +72,13 @@ def test_check_on_the_tiny_pair_within_a_minute(smoke, capsys):
     assert time.perf_counter() - start < 60 and code in (0, 1), err
     assert "[2] tokenizer audit" in out and "[6] special-token masking" in out
     assert "would remove: '<think>'" in out  # the tiny pair's configured tokens (model.special_tokens)
+
+
+def test_pair_only_prints_the_pair_a_run_would_use(smoke, pairs, capsys):
+    """--pair-only: the tiny pair's cache entry (bootstrapped when missing: here the session's smoke pair), or a
+    real pair's checkpoints, and nothing else (no sampling, exit 0)."""
+    code, out, err = run(capsys, ["--pair-only", f"hydra.searchpath=[file://{smoke.conf_dir}]", "experiment=smoke"])
+    assert code == 0 and out.splitlines() == [f"{role}: {smoke.entry / role}"
+                                              for role in ("teacher", "student", "tokenizer")], err
+    code, out, _ = run(capsys, ["--pair-only", *args_for(pairs, "qwen2", "qwen2")])
+    assert code == 0 and out.splitlines()[0] == f"teacher: {pairs['qwen2']['teacher']}"
