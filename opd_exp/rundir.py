@@ -239,12 +239,17 @@ def git_commit() -> str | None:
         return None
 
 
-def git_dirty() -> bool | None:
-    """True when tracked files of the code's checkout differ from its commit (the run used uncommitted code),
-    None outside a git checkout (an installed package)."""
+# what a dirty flag ignores: what the suite itself writes while reproducing (results/, with timings.tsv appended
+# by scripts/reproduce_paper.sh during the run) and prose
+NOT_CODE = (":(top,exclude)results", ":(top,exclude)*.md")
+
+
+def git_dirty(cwd: Path | None = None) -> bool | None:
+    """True when tracked files of the code's checkout (``cwd``: this package's) differ from its commit outside
+    ``NOT_CODE`` (the run used uncommitted code or config), None outside a git checkout (an installed package)."""
     try:
-        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)", *NOT_CODE],
+                             capture_output=True, text=True, timeout=10, cwd=cwd or Path(__file__).resolve().parent)
     except (OSError, subprocess.SubprocessError):
         return None
     return bool(out.stdout.strip()) if out.returncode == 0 else None

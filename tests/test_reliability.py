@@ -435,3 +435,24 @@ def test_half_written_cache_entry_is_never_loaded(smoke, tmp_path, fake_training
     assert fake_training == ["teacher", "student"]  # rebuilt, not loaded
     assert (entry / "student" / "model.safetensors").read_bytes() == \
         (smoke.entry / "student" / "model.safetensors").read_bytes()
+
+
+def test_git_dirty_flags_code_and_config_not_results_or_prose(tmp_path):
+    """A run is dirty when code or config differ from the commit; results/ (timings.tsv is appended while
+    scripts/reproduce_paper.sh runs) and Markdown do not count."""
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    for path in ("results/timings.tsv", "README.md", "conf/x.yaml", "pkg/mod.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("a\n")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    (tmp_path / "pkg" / "new.py").write_text("untracked\n")
+    assert rundir.git_dirty(tmp_path / "pkg") is False
+    (tmp_path / "results" / "timings.tsv").write_text("b\n")
+    (tmp_path / "README.md").write_text("b\n")
+    assert rundir.git_dirty(tmp_path / "pkg") is False
+    (tmp_path / "conf" / "x.yaml").write_text("b\n")
+    assert rundir.git_dirty(tmp_path / "pkg") is True
