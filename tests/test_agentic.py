@@ -229,6 +229,43 @@ def test_multiturn_rollout_masks_observations():
         assert (ro.sample_logprobs_BT[r][acts] < 0).all()
 
 
+class RejectingEpisode(FakeEpisode):
+    """Rejects its first action (the game's feedback), then as FakeEpisode: over after three actions."""
+
+    def step(self, action: str):
+        self.steps += 1
+        self.invalid += self.steps == 1
+        self.won = self.steps == 3
+        return ("invalid command. " if self.steps == 1 else "") + "kitchen.", self.won
+
+
+@pytest.mark.parametrize("after_rejected", [False, True])
+def test_mask_after_rejected_drops_what_follows_the_first_rejected_action(after_rejected):
+    """mask.after_rejected: the rejected action stays in the loss (its context is the clean prefix), every token
+    after it leaves; an episode with no rejected action keeps every action token."""
+    from opd_exp.config import RunConfig
+    from opd_exp.train.collect import loss_mask
+
+    model = tiny_llama(0)
+    prompts = [TOK("<|bos|><|user|>goal: eat egg.<|assistant|>", add_special_tokens=False)["input_ids"]] * 2
+    torch.manual_seed(0)
+    ro, eps = play(make_backend("hf"), model, TOK, prompts, [RejectingEpisode, FakeEpisode],
+                   SamplingConfig(rollouts_per_prompt=1), stop_ids=[TOK.eos_token_id], pad_id=TOK.pad_token_id,
+                   vocab_size=V, max_turns=4, max_action_tokens=5)
+    cfg = RunConfig()
+    cfg.mask.after_rejected = after_rejected
+    mask = loss_mask(ro, cfg, [], torch.zeros(ro.completion_ids_BT.shape))
+    first_obs = turn_ids(TOK, "invalid command. kitchen.")
+    acts = ro.action_mask_BT[0]
+    first_action = int(acts.long().argmin())  # the first action: tokens up to the first observation
+    assert ro.completion_ids_BT[0, first_action:first_action + len(first_obs)].tolist() == first_obs
+    assert eps[0].invalid == 1 and ro.after_rejected_BT[0, first_action:].all()
+    assert not ro.after_rejected_BT[0, :first_action].any() and not ro.after_rejected_BT[1].any()
+    assert mask[0, :first_action].all() and mask[1].equal(ro.action_mask_BT[1])
+    assert mask[0, first_action:].any() != after_rejected  # the later actions: in the loss only without it
+    assert int(mask[0].sum()) == (first_action if after_rejected else int(acts.sum()))
+
+
 class Replay:
     """A rollout backend that returns one fixed rollout (the multi-turn one below) whatever it is asked."""
 

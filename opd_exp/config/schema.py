@@ -81,6 +81,8 @@ class MaskConfig:
     enabled: bool = spec(False, "apply special-token masking")
     tokens: list[Any] | None = spec(None, "token strings or ids to mask; null = the model pair's defaults")
     mode: str = spec("first", "mask the first occurrence per response or all", choices=["first", "all"])
+    after_rejected: bool = spec(False, "multi-turn tasks: drop what follows an episode's first rejected action "
+                                "from the loss (contexts a teacher trained on expert play never saw)")
 
 
 @dataclass

@@ -36,6 +36,8 @@ class Rollout:
     prompt_index_B:     long, which prompt of the call each row completes
     action_mask_BT:     bool, tokens the policy sampled; defaults to ``completion_mask_BT`` (single-turn). A
                         multi-turn backend sets it to False on observations, which stay in ``completion_mask_BT``
+    after_rejected_BT:  bool, a multi-turn row's tokens after the first action its environment rejected (the
+                        rejected action itself excluded); all False when none was (and single-turn)
     """
 
     prompt_ids_BP: torch.Tensor
@@ -46,10 +48,13 @@ class Rollout:
     truncated_B: torch.Tensor
     prompt_index_B: torch.Tensor
     action_mask_BT: torch.Tensor | None = None
+    after_rejected_BT: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.action_mask_BT is None:
             self.action_mask_BT = self.completion_mask_BT.clone()
+        if self.after_rejected_BT is None:
+            self.after_rejected_BT = torch.zeros_like(self.completion_mask_BT)
 
     def __getitem__(self, rows) -> Rollout:
         return Rollout(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})

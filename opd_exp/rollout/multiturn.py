@@ -13,6 +13,7 @@ template's next user turn and generation prompt (:func:`turn_ids`) and appended.
     action_mask_BT      actions only (what is trained: observations get exactly zero gradient)
     sample_logprobs_BT  the sampled actions' log-probs (0 on observations)
     truncated_B         the episode was not over (won or lost) within ``max_turns``
+    after_rejected_BT   what follows the first action the environment rejected (``Episode.invalid`` rose)
 
 Positions follow the attention mask, so the teacher and pi_old, scoring the same (prompt, completion) row
 later, see exactly the contexts the actions were sampled in (as in verl-agent's multi-turn rollouts,
@@ -61,6 +62,7 @@ def play(backend: RolloutBackend, model, tokenizer, prompts: list[list[int]], ma
     acts: list[list[bool]] = [[] for _ in rows]
     logps: list[list[float]] = [[] for _ in rows]
     over = [False] * len(rows)
+    rejected_from: list[int | None] = [None] * len(rows)  # a row's length once its first rejected action is in
     turn_sampling = replace(sampling, max_new_tokens=max_action_tokens)
     stops = set(stop_ids)
     for turn in range(max_turns):
@@ -77,6 +79,8 @@ def play(backend: RolloutBackend, model, tokenizer, prompts: list[list[int]], ma
             logps[r] += ro.sample_logprobs_BT[j, :width].tolist()
             text = tokenizer.decode([t for t in action if t not in stops], skip_special_tokens=True)
             observation, over[r] = episodes[r].step(text)
+            if rejected_from[r] is None and episodes[r].invalid:
+                rejected_from[r] = len(ids[r])
             if over[r] or turn == max_turns - 1:
                 continue
             obs = turn_ids(tokenizer, observation)
@@ -90,14 +94,18 @@ def play(backend: RolloutBackend, model, tokenizer, prompts: list[list[int]], ma
     completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
     action_mask = torch.zeros((len(rows), width), dtype=torch.bool)
     sample_logprobs = torch.zeros((len(rows), width), dtype=torch.float32)
+    after_rejected = torch.zeros((len(rows), width), dtype=torch.bool)
     for r in range(len(rows)):
         k = len(ids[r])
         completion_ids[r, :k] = torch.tensor(ids[r], dtype=torch.long)
         completion_mask[r, :k] = True
         action_mask[r, :k] = torch.tensor(acts[r], dtype=torch.bool)
         sample_logprobs[r, :k] = torch.tensor(logps[r], dtype=torch.float32)
+        if rejected_from[r] is not None:
+            after_rejected[r, rejected_from[r]:k] = True
     truncated = torch.tensor([not o for o in over], dtype=torch.bool)
     rollout = Rollout(prompt_ids_BP=prompt_ids, prompt_mask_BP=prompt_mask, completion_ids_BT=completion_ids,
                       completion_mask_BT=completion_mask, sample_logprobs_BT=sample_logprobs, truncated_B=truncated,
-                      prompt_index_B=torch.tensor(rows, dtype=torch.long), action_mask_BT=action_mask)
+                      prompt_index_B=torch.tensor(rows, dtype=torch.long), action_mask_BT=action_mask,
+                      after_rejected_BT=after_rejected)
     return rollout, episodes

@@ -97,9 +97,11 @@ def score_teacher(teacher, ro: Rollout, needs: Needs, vocab_size: int, top_k: in
 
 
 def loss_mask(ro: Rollout, cfg: RunConfig, special_ids: list[int], entropy_BT: torch.Tensor) -> torch.Tensor:
-    """Sampled tokens & ~special tokens (& highest-entropy tokens): every objective sees the same mask.
-    Observation tokens of a multi-turn episode are never in it (``action_mask_BT``)."""
+    """Sampled tokens & ~special tokens (& highest-entropy tokens) (& before the first rejected action): every
+    objective sees the same mask. Observation tokens of a multi-turn episode are never in it (``action_mask_BT``)."""
     mask_BT = ro.action_mask_BT.clone()
+    if cfg.mask.after_rejected:
+        mask_BT &= ~ro.after_rejected_BT
     if cfg.mask.enabled and special_ids:
         mask_BT &= ~special_token_mask_BT(ro.completion_ids_BT, ro.action_mask_BT, special_ids, cfg.mask.mode)
     if cfg.estimator.entropy_top_q < 1.0:
