@@ -140,7 +140,7 @@ def test_reproduce_script_dry_run_names_each_sweep_and_report():
     assert "-m opd_exp experiment=math_main hydra.sweep.dir=multirun/smoke/math_main" in out
     assert "-m opd_exp.report.cli multirun/smoke/lr_tune --out outputs/smoke/results/lr_tune" in out
     assert "model.bootstrap]" in out  # the scale's keys are left out of the cells' dir names
-    # the default pair is bootstrapped (and checked) first, with the scale's overrides and every core
+    # the default pair is bootstrapped first, with the scale's overrides and every core
     first = next(line for line in out.splitlines() if line.startswith("+ "))
     assert "-m opd_exp.check --pair-only train.steps=2" in first and "threads=1" not in first
     estimators = subprocess.run(["bash", str(script), "estimators"], env=env, capture_output=True, text=True,
