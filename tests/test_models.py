@@ -126,7 +126,11 @@ def test_cache_key_changes_with_config():
     other = {**TINY_BOOT, "student": {**TINY_BOOT["student"], "sft_steps": 3}}
     assert cache_key(base, TASK, parse_bootstrap(other)) != key
     assert cache_key(base, TaskConfig(n_train=41, n_eval=4), parse_bootstrap(TINY_BOOT)) != key
-    assert cache_key(base, TASK, parse_bootstrap({**TINY_BOOT, "threads": 3})) == key  # not part of the key
+    # a set thread count is part of the key (it orders float reductions: the games' teacher differs with 1 and
+    # 2 threads); 0, torch's default, is left out so that the pairs built before keep their keys
+    threads = {n: cache_key(base, TASK, parse_bootstrap({**TINY_BOOT, "threads": n})) for n in (0, 1, 2)}
+    assert len(set(threads.values())) == 3 and key in threads.values()
+    assert cache_key(base, TASK, parse_bootstrap({**TINY_BOOT, "progress": True})) == key  # not part of it
 
 
 def test_games_version_keys_game_pairs_only(monkeypatch):

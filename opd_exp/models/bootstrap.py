@@ -53,7 +53,7 @@ from opd_exp.tasks.math import Example, MathTask
 BOOTSTRAP_VERSION = 2  # bump when a code change alters the trained pair (invalidates every cache entry)
 COMPLETE = "COMPLETE"  # marker file, written last; an entry without it is never loaded
 META = "bootstrap.json"
-HASH_EXCLUDED = ("threads", "progress", "eval_every")  # settings that do not change what is trained
+HASH_EXCLUDED = ("progress", "eval_every")  # settings that do not change what is trained
 
 
 @dataclass
@@ -92,7 +92,9 @@ class BootstrapConfig:
     """``model.bootstrap``: how the tiny pair is built (the defaults live in conf/model/tiny.yaml)."""
 
     seed: int = spec(0, "init and batch-order seed", ge=0)
-    threads: int = spec(0, "torch CPU threads while training (0 = leave torch's setting)", ge=0)
+    threads: int = spec(0, "torch CPU threads while training (0 = leave torch's setting); a nonzero value is part "
+                        "of the cache key: the thread count orders float reductions, so it can change the weights "
+                        "(the games' teacher: id 88% with 1 thread, 36% with 2)", ge=0)
     bf16: bool = spec(False, "bf16 autocast of the SFT forward passes (opt-in: a different pair, its own cache "
                       "entry; ~10x slower than float32 on CPUs without AVX512-BF16/AMX); weights are saved float32",
                       choices=[False, True])
@@ -147,6 +149,8 @@ def cache_key(model_cfg: ModelConfig, task_cfg: TaskConfig, boot: BootstrapConfi
     for role in ("teacher", "student"):  # a knob at its default (0) is left out: older pairs keep their keys
         if not settings[role]["sft_detours"]:
             del settings[role]["sft_detours"]
+    if not settings["threads"]:  # the thread count orders float reductions: it can change the weights
+        del settings["threads"]
     keys = ("min_ops", "max_ops", "max_operand", "data_seed", "n_train", "n_eval", "eval_splits", "dataset_path")
     if task_cfg.name != "math":  # the games' knobs (a math pair's key is unchanged by them)
         keys += ("name", "n_train_games", "n_eval_games", "game_rooms", "game_receptacles", "game_distractors",
