@@ -69,6 +69,22 @@ def test_pair_loads_with_its_own_tokens(loaded, arch):
     assert audit_tokenizers(pair.teacher_tokenizer, pair.tokenizer, probes).ok
 
 
+def test_student_stop_tokens_end_its_responses(pairs):
+    """model.student_stop_tokens adds to the student's stop ids (here llama's <|eot_id|> + <|end_header_id|>), so
+    a response ends at the added token in rollouts and evaluation (completion_mask over stop_ids)."""
+    from opd_exp.rollout import completion_mask
+
+    pair = load_pair(model_cfg(pairs["llama"], student_stop_tokens=["<|end_header_id|>"]), TaskConfig())
+    tok = pair.tokenizer
+    stops = stop_ids(pair.student, tok)
+    assert tok.convert_ids_to_tokens(stops) == ["<|eot_id|>", "<|end_header_id|>"]
+    word, extra = tok.convert_tokens_to_ids(["<|start_header_id|>", "<|end_header_id|>"])
+    mask_BT, truncated_B = completion_mask(torch.tensor([[word, extra, word, word]]), stops)
+    assert mask_BT.tolist() == [[True, True, False, False]] and not truncated_B.item()
+    with pytest.raises(ConfigError, match=r"model\.student_stop_tokens.*<\|nosuch\|>"):
+        load_pair(model_cfg(pairs["llama"], student_stop_tokens=["<|nosuch|>"]), TaskConfig())
+
+
 def test_masking_names_what_it_removes(loaded, caplog):
     pair = loaded["qwen2"]
     with caplog.at_level(logging.WARNING, logger="opd_exp.models.pair"):

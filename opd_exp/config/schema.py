@@ -155,6 +155,10 @@ class ModelConfig:
     special_tokens: list[Any] | None = spec(default_factory=lambda: ["<think>", "</think>", "<|im_end|>"],
                                             doc="default tokens for special-token masking; null = read from the "
                                             "pair (think delimiters in its vocabulary, its EOS and stop ids)")
+    student_stop_tokens: list[Any] | None = spec(None, "tokens (strings or ids) that also end the student's "
+                                                 "responses, in rollouts and evaluation, beside its generation "
+                                                 "config's EOS (Qwen2.5-Instruct, the paper's student, stops on "
+                                                 "both <|im_end|> and <|endoftext|>); null = that EOS alone")
     bootstrap: dict = spec(default_factory=dict, doc="tiny-pair bootstrap settings (see opd_exp.models.bootstrap)")
     teachers: dict = spec(default_factory=dict, doc="task name -> checkpoint dir of that task's own teacher (a "
                           "mix's rows are scored by their task's teacher); tasks not named use the pair's teacher")

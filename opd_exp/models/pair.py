@@ -214,6 +214,23 @@ def cache_root(model_cfg: ModelConfig) -> Path:
     return Path(os.environ.get("OPD_EXP_CACHE") or model_cfg.cache_dir).expanduser()
 
 
+def add_stop_tokens(model, tokenizer, tokens: list) -> None:
+    """Add ``tokens`` to ``model.generation_config.eos_token_id``, which is what ends its responses everywhere
+    (opd_exp.rollout.stop_ids). Raises ConfigError naming ``model.student_stop_tokens`` for a token outside the
+    vocabulary."""
+    from opd_exp.models.tokenization import resolve_token_ids
+
+    try:
+        extra = resolve_token_ids(tokenizer, list(tokens))
+    except ValueError as err:
+        raise ConfigError("model.student_stop_tokens", f"{list(tokens)}: {err}") from None
+    eos = model.generation_config.eos_token_id
+    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if not eos and tokenizer.eos_token_id is not None:
+        eos = [tokenizer.eos_token_id]
+    model.generation_config.eos_token_id = eos + [i for i in extra if i not in eos]
+
+
 def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.device = "cpu",
               dtype: torch.dtype | str | None = None) -> ModelPair:
     """Load teacher and student with the same function; the teacher is frozen (eval, no grad).
@@ -232,6 +249,8 @@ def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.
     attn = model_cfg.attn_implementation
     student = load_checkpoint(student_dir, device, dtype, role="student", attn_implementation=attn)
     check_vocab(student, tokenizer, "student", student_dir)
+    if model_cfg.student_stop_tokens:
+        add_stop_tokens(student, tokenizer, model_cfg.student_stop_tokens)
     if served:  # scored by the server in the student's ids: nothing of the teacher loads here
         log.warning("the teacher is served by %s: it must share the student's vocabulary (not audited)",
                     model_cfg.teacher_server)
