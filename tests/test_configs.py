@@ -125,6 +125,21 @@ def test_every_sweep_cell_composes_and_validates(name):
         run_config(composed([f"experiment={name}", *cell]))
 
 
+@pytest.mark.parametrize("name", ["multitask", "ablation_support_multitask"])
+def test_multitask_tables_run_the_papers_methods_on_the_mix(name):
+    """Table 2 and Table 4's multi-task columns: every cell trains on the mix, without the games' own
+    mask.after_rejected (the paper's methods as the paper runs them), with the swept support variant."""
+    cfg = composed([f"experiment={name}"], hydra=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN and cfg.hydra.sweep.dir == f"multirun/{name}"
+    assert report_spec_of(cfg).tables
+    for cell in sweep_cells(name):
+        run = run_config(composed([f"experiment={name}", *cell]))
+        assert run.task.name == "math_agentic" and run.mask.after_rejected is False
+        variant = dict(c.split("=") for c in cell).get("estimator")
+        if variant:
+            assert run.estimator.support == composed([f"estimator={variant}"]).estimator.support
+
+
 def test_lr_tune_uses_prompts_and_seeds_apart():
     cfg = composed(["experiment=lr_tune"], hydra=True)
     assert cfg.task.eval_set == "tune" and composed([]).task.eval_set == "report"
