@@ -37,11 +37,26 @@ def test_wilson_interval_contains_estimate_and_stays_in_unit_interval():
     assert lo < 0.5 < hi and hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.25 / 100), rel=0.05)
 
 
-def test_mean_ci_normal_approximation():
+def wilson_by_hand(p: float, n: float) -> tuple[float, float]:
+    z2 = 1.959963984540054**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = math.sqrt(z2 * (p * (1 - p) / n + z2 / (4 * n**2))) / (1 + z2 / n)
+    return centre - half, centre + half
+
+
+def test_mean_ci_is_wilson_at_the_effective_sample_size():
+    # 0/1 rates: n_eff = p (1 - p) / se^2 = n - 1 (the sample variance's n - 1 denominator)
     mean, lo, hi = mean_ci([0.0, 1.0] * 50)
-    assert mean == 0.5
-    sd = math.sqrt(sum((v - 0.5) ** 2 for v in [0.0, 1.0] * 50) / 99)
-    assert hi - mean == pytest.approx(1.959963984540054 * sd / 10)
+    assert mean == 0.5 and (lo, hi) == pytest.approx(wilson_by_hand(0.5, 99))
+    # avg@4 rates, 50 prompts, mostly 0: the normal interval crosses 0, this one stays inside [0, 1]
+    rates = [0.0] * 46 + [0.25, 0.5, 0.75, 1.0]
+    mean, lo, hi = mean_ci(rates)
+    se = math.sqrt(sum((v - mean) ** 2 for v in rates) / 49 / 50)
+    assert mean - 1.959963984540054 * se < 0 <= lo < mean < hi < 1
+    assert (lo, hi) == pytest.approx(wilson_by_hand(mean, mean * (1 - mean) / se**2))
+    # every prompt alike: a real interval from the prompt count, not a zero width
+    mean, lo, hi = mean_ci([0.0] * 20)
+    assert mean == 0 and lo == 0 and (lo, hi) == pytest.approx(wilson_ci(0, 20)) and hi > 0.1
     assert math.isnan(mean_ci([1.0])[1])
 
 

@@ -37,26 +37,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 def wilson_ci(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion (stays inside [0, 1] at 0% and 100%)."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    return (math.nan, math.nan) if n == 0 else wilson_interval(successes / n, n, z)
 
 
 def mean_ci(values: Sequence[float], z: float = Z95) -> tuple[float, float, float]:
-    """(mean, lo, hi): normal-approximation 95% CI of a mean over many prompts."""
+    """(mean, lo, hi) of a mean over prompts of per-prompt rates in [0, 1] (avg@k, pass@k): the Wilson interval
+    at the effective sample size n_eff = p (1 - p) / se^2, se the standard error over prompts (Korn & Graubard
+    1998's interval for clustered proportions), so it stays inside [0, 1] where a normal interval crosses 0.
+    Zero spread (every prompt alike) falls back to n_eff = n prompts. NaN bounds for n < 2."""
     n = len(values)
     if n == 0:
         return (math.nan, math.nan, math.nan)
     mean = sum(values) / n
     if n == 1:
         return (mean, math.nan, math.nan)
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    half = z * math.sqrt(var / n)
-    return (mean, mean - half, mean + half)
+    se2 = sum((v - mean) ** 2 for v in values) / (n - 1) / n
+    n_eff = mean * (1 - mean) / se2 if se2 > 0 and 0 < mean < 1 else n
+    return (mean, *wilson_interval(mean, n_eff, z))
+
+
+def wilson_interval(p: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of proportion ``p`` over ``n`` (possibly fractional) observations."""
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def _graded(task, tokenizer, ro, examples) -> list[tuple[bool, bool]]:
@@ -111,7 +116,8 @@ def _play_metrics(results: dict, split: str, stats: list[dict | None]) -> None:
 
 
 def _put(results: dict, key: str, per_prompt: list[float], proportion: bool = False) -> None:
-    """``key`` -> the mean over prompts and ``key_ci`` -> its 95% interval (Wilson for a 0/1 proportion)."""
+    """``key`` -> the mean over prompts and ``key_ci`` -> its 95% interval (Wilson; at the effective sample size
+    for per-prompt rates)."""
     if proportion:
         results[key] = sum(per_prompt) / len(per_prompt)
         results[f"{key}_ci"] = list(wilson_ci(int(sum(per_prompt)), len(per_prompt)))
