@@ -83,3 +83,21 @@ def test_strict_accuracy_fails_a_response_that_never_ended():
                  sample_logprobs_BT=torch.zeros(3, T), truncated_B=torch.tensor([False, True, False]),
                  prompt_index_B=torch.arange(3))
     assert _graded(task, tok, ro, examples) == [(True, True), (True, False), (False, False)]
+
+
+def test_cached_evaluations_are_keyed_by_the_evaluation_version(tmp_path, monkeypatch):
+    """A before-training evaluation recorded by older evaluation code (other intervals) is not read back."""
+    from opd_exp.check import compose_config
+    from opd_exp.train import loop
+
+    dirs = [tmp_path / name for name in ("teacher", "student", "tokenizer")]
+    for d in dirs:
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+    monkeypatch.setattr(loop, "pair_paths", lambda model, task: tuple(dirs))
+    monkeypatch.setenv("OPD_EXP_CACHE", str(tmp_path / "cache"))
+    cfg = compose_config([])
+    first = loop._before_cache_file(cfg)
+    assert first == loop._before_cache_file(cfg) and first.parent == tmp_path / "cache" / "evals"
+    monkeypatch.setattr(loop, "EVAL_VERSION", loop.EVAL_VERSION + 1)
+    assert loop._before_cache_file(cfg) != first

@@ -92,8 +92,8 @@ FAILURE_EXPERIMENT = "failure_modes"  # its runs also go to opd_exp.report.failu
 ESTIMATORS_EXPERIMENT = "estimators"  # its runs also go to opd_exp.report.estimators (the gradient probe)
 CI_NOTE = ("± is the half-width of the 95% t-interval over seeds (n - 1 degrees of freedom), cut to [0, 100] for "
            "scores; [lo, hi]: a single evaluation shared by every seed (teacher, student before) with its 95% "
-           "interval over the evaluated prompts (Wilson for greedy accuracy, t over prompts for avg@k); n = 1 "
-           "otherwise has no interval (nan in the CSV).")
+           "interval over the evaluated prompts (Wilson; for avg@k at the effective sample size from evaluation "
+           "version 2 on, a normal interval before); n = 1 otherwise has no interval (nan in the CSV).")
 
 
 # ----------------------------------------------------------------------------- writing tables

@@ -50,7 +50,7 @@ class Stat:
 
 def evaluation_stat(value: float, ci: list[float]) -> Stat:
     """A single evaluation shared by every seed (teacher, student before), with its 95% interval over prompts
-    (Wilson for greedy accuracy, t over prompts for avg@k; recorded by opd_exp/train/evaluate.py)."""
+    (Wilson; for avg@k at the effective sample size; recorded by opd_exp/train/evaluate.py)."""
     return Stat(float(value), float(ci[0]), float(ci[1]), 1, basis="prompts")
 
 

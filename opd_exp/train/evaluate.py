@@ -21,6 +21,9 @@ from opd_exp.rollout.multiturn import play
 from opd_exp.tasks.base import episode_makers
 
 EVAL_BACKEND = "decode"  # evaluation samples with opd-exp's own loop, whatever backend training rolls out with
+# bumped when what evaluate_model records changes, so cached evaluations (opd_exp/train/loop.py) are redone:
+# 2 = avg@k / pass@k intervals are Wilson at the effective sample size (1: a normal interval over prompts)
+EVAL_VERSION = 2
 
 Z95 = 1.959963984540054
 

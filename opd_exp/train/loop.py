@@ -39,7 +39,7 @@ from opd_exp.rollout import make_backend
 from opd_exp.tasks.base import Task, episode_makers, make_task, step_task
 from opd_exp.train import checkpoint, distributed, fsdp, probe
 from opd_exp.train.diagnostics import save_raw_samples
-from opd_exp.train.evaluate import EVAL_BACKEND, evaluate_model
+from opd_exp.train.evaluate import EVAL_BACKEND, EVAL_VERSION, evaluate_model
 from opd_exp.train.step import train_step
 from opd_exp.train.tracking import Tracker
 
@@ -162,13 +162,13 @@ class _StopFlag:
 
 def _before_cache_file(cfg: RunConfig) -> Path:
     """Where the pair's before-training evaluation is cached: keyed by the two checkpoints (path and the
-    newest file time in each), the task, the eval settings and the sampling backend, so every run of a sweep on
-    one pair shares it."""
+    newest file time in each), the task, the eval settings, the sampling backend and ``EVAL_VERSION``, so every
+    run of a sweep on one pair shares it and none reads what older code recorded."""
     teacher_dir, student_dir, _ = pair_paths(cfg.model, cfg.task)
     stamp = {str(d.resolve()): max((f.stat().st_mtime_ns for f in d.rglob("*") if f.is_file()), default=0)
              for d in (teacher_dir, student_dir)}
     blob = json.dumps({"pair": stamp, "task": dataclasses.asdict(cfg.task), "eval": dataclasses.asdict(cfg.eval),
-                       "backend": EVAL_BACKEND}, sort_keys=True)
+                       "backend": EVAL_BACKEND, "version": EVAL_VERSION}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     return cache_root(cfg.model) / "evals" / f"before-{key}.json"
 
