@@ -180,6 +180,12 @@ def test_math_main_table_means_cis_and_failed_cell(tmp_path):
         assert (out / name).stat().st_size > 0
     runs = pd.read_csv(out / "runs.csv")
     assert sorted(runs["status"].unique()) == ["completed", "failed", "unfinished (no run_summary.json)"]
+    # the curves' data beside the figure: loss 1/(s + 1) + 0.01 seed, so step 0 minus step 1 is 0.5 in any row
+    curves = pd.read_csv(out / "curves_main.csv")
+    assert list(curves.columns) == ["key", "row", "step", "mean", "ci_lo", "ci_hi", "n"]
+    loss = curves[(curves["key"] == "train/loss") & (curves["row"] == "Sampled-token OPD")].set_index("step")
+    assert loss.loc[0, "mean"] - loss.loc[1, "mean"] == pytest.approx(0.5, abs=1e-5)
+    assert loss.loc[0, "n"] == row(table, "Sampled-token OPD", "id")["n"] and loss.loc[0, "ci_lo"] < loss.loc[0, "mean"]
 
 
 def test_a_shared_evaluation_shows_its_interval_over_prompts(tmp_path):

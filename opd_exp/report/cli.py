@@ -46,7 +46,8 @@ recipe=ours or estimator=topk_v2), then in its resolved config by dotted path (e
 a report block get one generic table: every cell (its varying overrides) x every result.
 
 Outputs per experiment: README.md (provenance and every table), <table>.md, <table>.csv (long: row, column,
-mean, ci_lo, ci_hi, n), cells.csv, runs.csv, bars_<table>.png, curves_<table>.png, x_<table>.png (layouts 2, 3).
+mean, ci_lo, ci_hi, n), cells.csv, runs.csv, bars_<table>.png, curves_<table>.png with its data in
+curves_<table>.csv (key, row, step, mean, ci_lo, ci_hi, n), x_<table>.png (layouts 2, 3).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ from pathlib import Path
 from opd_exp import rundir
 from opd_exp.config.validation import ConfigError
 from opd_exp.report.claims import claims_frame, claims_markdown, evaluate_claim, judge
-from opd_exp.report.figures import bar_figure, curve_figure, x_figure
+from opd_exp.report.figures import bar_figure, curve_data, curve_figure, curve_records, x_figure
 from opd_exp.report.runs import (
     FINISHED,
     NOT_RUN,
@@ -308,10 +309,13 @@ def write_tables(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[s
             frame.insert(1, "facet", facet)
             frame.to_csv(out / f"{stem}.csv", index=False)
             frames.append(frame)
+            curves = curve_data(table, spec_.curves if spec_ else DEFAULT_CURVES)
+            if curves:  # the figure's data, committed beside it (6 significant digits)
+                pd.DataFrame(curve_records(curves)).to_csv(out / f"curves_{stem}.csv", index=False,
+                                                           float_format="%.6g")
             figures = [name for name, ok in (
                 (f"bars_{stem}.png", bar_figure(table, out / f"bars_{stem}.png")),
-                (f"curves_{stem}.png", curve_figure(table, spec_.curves if spec_ else DEFAULT_CURVES,
-                                                    out / f"curves_{stem}.png")),
+                (f"curves_{stem}.png", curve_figure(curves, out / f"curves_{stem}.png")),
                 (f"x_{stem}.png", x_figure(table, out / f"x_{stem}.png"))) if ok]
             md += [text] + [f"![{name}]({name})" for name in figures] + [""]
     if frames:

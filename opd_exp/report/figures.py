@@ -82,14 +82,30 @@ def comparable_keys(rows: list[tuple[str, list[Run]]], keys: list[str]) -> list[
     return [k for k in keys if k not in OBJECTIVE_SPECIFIC] if len(objectives) > 1 else list(keys)
 
 
-def curve_figure(table: Table, keys: list[str], path: Path, max_lines: int = 12) -> bool:
-    """One panel per metrics.jsonl key, one line per row (mean over seeds) with its CI band, kept inside the
-    quantity's range. Objective-specific losses (:data:`OBJECTIVE_SPECIFIC`) are left out when the rows train
-    different objectives (one loss type per axis); ``train/logprob_gap`` compares them."""
+CurveData = dict[str, list[tuple[str, list[int], list[Stat]]]]  # key -> [(row label, steps, per-step stats)]
+
+
+def curve_data(table: Table, keys: list[str], max_lines: int = 12) -> CurveData:
+    """Per metrics.jsonl key, per row (at most ``max_lines``), the mean over seeds at each step with its CI.
+    Objective-specific losses (:data:`OBJECTIVE_SPECIFIC`) are left out when the rows train different objectives
+    (one loss type per axis); ``train/logprob_gap`` compares them. Keys and rows nobody logged are dropped."""
     rows = list(table.row_runs.items())[:max_lines]
     data = {k: [(lab, *curve_stats(rs, k)) for lab, rs in rows] for k in comparable_keys(rows, keys)}
     data = {k: [d for d in v if d[1]] for k, v in data.items()}
-    data = {k: v for k, v in data.items() if v}
+    return {k: v for k, v in data.items() if v}
+
+
+def curve_records(data: CurveData) -> list[dict]:
+    """The curves in long form (key, row, step, mean, ci_lo, ci_hi, n): what curves_<table>.csv holds, so the
+    figure can be redrawn without the run dirs."""
+    return [{"key": key, "row": label, "step": step, "mean": st.mean, "ci_lo": st.lo, "ci_hi": st.hi, "n": st.n}
+            for key, lines in data.items() for label, steps, stats in lines
+            for step, st in zip(steps, stats, strict=True)]
+
+
+def curve_figure(data: CurveData, path: Path) -> bool:
+    """One panel per key, one line per row (mean over seeds) with its CI band, kept inside the quantity's
+    range."""
     if not data:
         return False
     plt = pyplot()
