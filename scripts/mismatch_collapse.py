@@ -1,5 +1,5 @@
 """What the student writes at the end of a run, and what the teacher says of it: the evidence behind the
-mismatched pair's collapse (issue #15; results/math_main/README.md).
+mismatched pair's collapse (issue #15; results/math_main/collapse.md, explained in the README's "Paper tables").
 
     python scripts/mismatch_collapse.py LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--out results/math_main/collapse.md]
 
@@ -20,13 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
+from opd_exp.rundir import read_metrics
+
 WATCHED = ("<|endoftext|>", "<reason>", "</reason>", "<|im_end|>", "<think>", "</think>")
 
 
 def last_samples(run: Path) -> tuple[int, dict]:
     files = sorted((run / "diag").glob("samples_step*.npz"), key=lambda p: int(p.stem.removeprefix("samples_step")))
     if not files:
-        raise SystemExit(f"{run}: no diag/samples_step*.npz (a run with train.diag_every > 0 writes them)")
+        raise SystemExit(f"{run}: no diag/samples_step*.npz (train.diag_every > 0 writes them)")
     z = np.load(files[-1])
     return int(files[-1].stem.removeprefix("samples_step")), {k: z[k] for k in z.files}
 
@@ -52,8 +54,7 @@ def summarise(run: Path, vocab: dict[str, int]) -> dict:
     out["rows writing <|endoftext|>"] = rows_with_eot / max(1, len(rows))
     out["teacher logp, first <|endoftext|>"] = float(np.mean(first_lp)) if first_lp else float("nan")
     out["teacher logp, later <|endoftext|>"] = float(np.mean(later_lp)) if later_lp else float("nan")
-    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"step"' in line]
-    steps = [m for m in steps if "train/response_len" in m]
+    steps = [m for m in read_metrics(run) if "step" in m and "train/response_len" in m]
     for key in ("train/response_len", "train/entropy"):
         out[f"{key.split('/')[1]} first -> last step"] = f"{steps[0][key]:.3g} -> {steps[-1][key]:.3g}"
     summary = json.loads((run / "run_summary.json").read_text())["results"]
@@ -68,8 +69,7 @@ TRAJECTORY = ("diag/teacher/student_topk_mass", "diag/special/completion_frac", 
 
 def trajectory(run: Path, key: str, points: int = 6) -> str:
     """``key`` at ``points`` evenly spaced logged steps, first and last included: "step:value ..."."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    logged = [(int(r["step"]), float(r[key])) for r in rows if key in r and "step" in r]
+    logged = [(int(r["step"]), float(r[key])) for r in read_metrics(run) if key in r and "step" in r]
     if not logged:
         return "-"
     picks = sorted({round(i * (len(logged) - 1) / (points - 1)) for i in range(points)})

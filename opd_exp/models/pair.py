@@ -219,16 +219,14 @@ def add_stop_tokens(model, tokenizer, tokens: list) -> None:
     (opd_exp.rollout.stop_ids). Raises ConfigError naming ``model.student_stop_tokens`` for a token outside the
     vocabulary."""
     from opd_exp.models.tokenization import resolve_token_ids
+    from opd_exp.rollout import stop_ids
 
     try:
         extra = resolve_token_ids(tokenizer, list(tokens))
     except ValueError as err:
         raise ConfigError("model.student_stop_tokens", f"{list(tokens)}: {err}") from None
-    eos = model.generation_config.eos_token_id
-    eos = [] if eos is None else list(eos) if isinstance(eos, (list, tuple)) else [eos]
-    if not eos and tokenizer.eos_token_id is not None:
-        eos = [tokenizer.eos_token_id]
-    model.generation_config.eos_token_id = eos + [i for i in extra if i not in eos]
+    stops = stop_ids(model, tokenizer)
+    model.generation_config.eos_token_id = stops + [i for i in extra if i not in stops]
 
 
 def load_pair(model_cfg: ModelConfig, task_cfg: TaskConfig, device: str | torch.device = "cpu",
