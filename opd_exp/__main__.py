@@ -346,8 +346,11 @@ def hydra_main(cfg: DictConfig) -> None:
 
         distributed.init()
         if _ranks()[0] > 0:
-            return follow(cfg, run_dir)
-    if hc.mode == RunMode.MULTIRUN and _ranks()[1] == 1:
+            follow(cfg, run_dir)
+        else:
+            execute(cfg, run_dir, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
+        return distributed.finish()  # every rank leaves together, after rank 0's evaluation
+    if hc.mode == RunMode.MULTIRUN:
         return execute_cell(cfg, run_dir, list(hc.overrides.task))
     execute(cfg, run_dir, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
 

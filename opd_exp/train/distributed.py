@@ -43,7 +43,26 @@ def init() -> None:
     if world_size() == 1 or dist.is_initialized():
         return
     dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", timeout=WAIT)
-    atexit.register(dist.destroy_process_group)
+    atexit.register(_leave)  # after an error or an interruption; a run that ends normally calls finish()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def finish() -> None:
+    """Leave the process group together: wait until every rank is here (rank 0 evaluates alone at the end of a
+    run while the others are done), then destroy it (a no-op when not initialized, so safe to call twice).
+    A rank that tore its group down while rank 0 was still running aborted at exit now and then under load
+    (SIGABRT, "terminate called without an active exception", in CI on 2026-12-03)."""
+    if not dist.is_initialized():
+        return
+    try:
+        gather(True)  # a barrier over gloo (CPU objects), on a CPU or a CUDA run alike
+    except RuntimeError:  # a rank already left (rank 0 exits 143 when interrupted): nothing to wait for
+        pass
+    dist.destroy_process_group()
 
 
 def local_device(device: torch.device) -> torch.device:
