@@ -49,7 +49,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from opd_exp import rundir
+from opd_exp import reuse, rundir
 from opd_exp.config import RunConfig, load_run_config
 from opd_exp.config.validation import ConfigError, check_paths
 from opd_exp.launchers import isolate_cells
@@ -192,6 +192,24 @@ def execute(cfg_node: DictConfig, run_dir: Path, overrides: list[str], multirun:
         lock.release()
 
 
+def _reuse_key(cfg: RunConfig, cfg_node: DictConfig, summary: dict) -> str | None:
+    """The run's reuse key (opd_exp/reuse.py) when ``reuse=true`` applies: an OPD run in a single process."""
+    if not cfg.reuse or cfg.runner != "opd" or _ranks()[1] > 1:
+        return None
+    return reuse.run_key(OmegaConf.to_container(cfg_node, resolve=True), summary["git_commit"], summary["git_dirty"])
+
+
+def _cache(cfg: RunConfig) -> Path:
+    from opd_exp.models.pair import cache_root  # imports torch: only for a run that trains or is reused
+
+    return cache_root(cfg.model)
+
+
+def _fresh(run_dir: Path) -> bool:
+    """Nothing trained yet in ``run_dir`` (a started run resumes from its checkpoint instead of being reused)."""
+    return not (run_dir / rundir.METRICS).exists() and not (run_dir / "checkpoints").exists()
+
+
 def _execute_locked(cfg: RunConfig, cfg_node: DictConfig, run_dir: Path, summary: dict, multirun: bool,
                     start: float, lock: rundir.RunLock) -> dict:
     """execute() once this process holds the run dir's lock."""
@@ -210,9 +228,14 @@ def _execute_locked(cfg: RunConfig, cfg_node: DictConfig, run_dir: Path, summary
         rundir.atomic_write_json(run_dir / rundir.SUMMARY, summary)
     except OSError as err:
         return _cannot_write(run_dir, err, multirun)
+    key = _reuse_key(cfg, cfg_node, summary)
+    source = reuse.find(_cache(cfg), key, run_dir) if key and _fresh(run_dir) else None
     try:
-        outcome = _runner(cfg.runner)(cfg, run_dir)
-        summary.update(outcome)
+        if source is not None:
+            print(f"[opd-exp] {run_dir}: the same run finished in {source}; copying its results (reuse=true)")
+            summary.update(reuse.copy_into(source, run_dir))
+        else:
+            summary.update(_runner(cfg.runner)(cfg, run_dir))
     except KeyboardInterrupt:
         summary.update(status="interrupted", error="KeyboardInterrupt")
     except Exception as err:  # a failed sweep cell must not stop the others
@@ -224,7 +247,11 @@ def _execute_locked(cfg: RunConfig, cfg_node: DictConfig, run_dir: Path, summary
             summary.update(status="failed", error=traceback.format_exc())
             print(f"[opd-exp] run failed in {run_dir}:\n{summary['error']}", file=sys.stderr)
     summary["wall_time_s"] = elapsed_before + time.time() - start
+    if key and summary["status"] == "completed":
+        summary["reuse_key"] = key
     unwritten = write_final_summary(run_dir, summary)
+    if unwritten is None and key and summary["status"] == "completed" and source is None:
+        reuse.record(_cache(cfg), key, run_dir)
     if unwritten is not None:
         print(f"[opd-exp] {unwritten}", file=sys.stderr)
         summary["status"] = "failed"

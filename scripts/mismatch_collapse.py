@@ -2,6 +2,10 @@
 mismatched pair's collapse (issue #15; results/math_main/collapse.md, explained in the README's "Paper tables").
 
     python scripts/mismatch_collapse.py LABEL=RUN_DIR [LABEL=RUN_DIR ...] [--out results/math_main/collapse.md]
+    python scripts/mismatch_collapse.py --sweep multirun/mismatch_collapse --out results/math_main/collapse.md
+
+``--sweep`` reads every finished run of a sweep dir (conf/experiment/mismatch_collapse.yaml), labelled by its
+``recipe`` choice in the sweep's order.
 
 Per run, from its last ``diag/samples_step*.npz`` (every sampled token of that step's rollouts, with the student's
 and the teacher's log-probs; opd_exp/train/diagnostics.py) and its run_summary.json: the response length, how
@@ -19,6 +23,7 @@ import shlex
 from pathlib import Path
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from opd_exp.rundir import read_metrics
 
@@ -76,11 +81,34 @@ def trajectory(run: Path, key: str, points: int = 6) -> str:
     return " ".join(f"{logged[i][0]}:{logged[i][1]:.2f}" for i in picks)
 
 
+def sweep_runs(sweep: Path) -> list[str]:
+    """LABEL=RUN_DIR for every completed run under ``sweep``, in the sweep's job order, labelled by the
+    ``recipe=`` override (every override when there is none)."""
+    found = []
+    for path in sweep.glob("*/run_summary.json"):
+        summary = json.loads(path.read_text())
+        if summary.get("status") != "completed":
+            continue
+        overrides = summary.get("overrides", [])
+        label = next((o.split("=", 1)[1] for o in overrides if o.startswith("recipe=")), " ".join(overrides))
+        hydra_file = path.parent / ".hydra" / "hydra.yaml"
+        job_num = OmegaConf.load(hydra_file).hydra.job.num if hydra_file.exists() else 0
+        found.append((job_num, f"{label}={path.parent}"))
+    if not found:
+        raise SystemExit(f"{sweep}: no completed run (run_summary.json with status completed)")
+    return [item for _, item in sorted(found)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="LABEL=RUN_DIR")
+    parser.add_argument("runs", nargs="*", help="LABEL=RUN_DIR")
+    parser.add_argument("--sweep", default=None, help="a sweep dir: each finished run, labelled by its recipe")
     parser.add_argument("--out", default=None, help="also write the Markdown table here")
     args = parser.parse_args()
+    if args.sweep:
+        args.runs += sweep_runs(Path(args.sweep))
+    if not args.runs:
+        parser.error("name runs (LABEL=RUN_DIR) or a --sweep dir")
     from opd_exp.models.tokenization import build_tokenizer
 
     vocab = build_tokenizer().get_vocab()

@@ -58,10 +58,11 @@ if [ "$#" -gt 0 ]; then
 else
   # lr_tune first (it chooses the recipes' learning rates), then every other experiment file; the estimator
   # comparison last, as its own part (estimators_lr_tune, then estimators)
-  EXPERIMENTS=(lr_tune)
+  # mismatch_collapse before math_main: math_main's report embeds its evidence (results/math_main/collapse.md)
+  EXPERIMENTS=(lr_tune mismatch_collapse)
   for f in conf/experiment/*.yaml; do
     name="$(basename "$f" .yaml)"
-    case "$name" in lr_tune|estimators|estimators_lr_tune) ;; *) EXPERIMENTS+=("$name") ;; esac
+    case "$name" in lr_tune|mismatch_collapse|estimators|estimators_lr_tune) ;; *) EXPERIMENTS+=("$name") ;; esac
   done
   EXPERIMENTS+=(estimators_lr_tune estimators)
 fi
@@ -153,6 +154,10 @@ for name in "${EXPERIMENTS[@]}"; do
   fi
   case "$name" in
     toy_gamma|toy_exact) ;;  # one report for both toy sweeps, below
+    mismatch_collapse)  # its evidence goes into Table 1's report (conf/experiment/math_main.yaml: include)
+      mkdir -p "$RESULTS_ROOT/math_main"
+      run_part "$name" evidence "$PYTHON" scripts/mismatch_collapse.py --sweep "$SWEEP_ROOT/$name" \
+        --out "$RESULTS_ROOT/math_main/collapse.md" ;;
     *) run_part "$name" report "$PYTHON" -m opd_exp.report.cli "$SWEEP_ROOT/$name" --out "$RESULTS_ROOT/$name" ;;
   esac
   # the estimator comparison: each objective's tuned lr into conf/recipe/est/ (at the default scale only; a

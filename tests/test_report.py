@@ -206,6 +206,24 @@ def test_a_shared_evaluation_shows_its_interval_over_prompts(tmp_path):
     assert "| Teacher | 90.0 [85.0, 95.0] |" in (out / "main.md").read_text()
 
 
+def test_included_files_are_embedded_in_the_readme(tmp_path):
+    """report.include: a Markdown file another command wrote into the report's dir is embedded (headings one
+    level down); a missing one is named, and the report still completes."""
+    sweep = make_math_main(tmp_path)
+    for cfg_file in sweep.glob("*/config.yaml"):
+        cfg = yaml.safe_load(cfg_file.read_text())
+        cfg["report"]["include"] = ["collapse.md", "absent.md"]
+        cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "collapse.md").write_text("# Evidence\n\n| run | n |\n|---|---|\n| Ours | 7 |\n")
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    readme = (out / "README.md").read_text()
+    assert "## collapse.md\n\n## Evidence\n\n| run | n |" in readme
+    assert "| Ours | 7 |" in readme
+    assert "## absent.md" in readme and "Not written yet" in readme
+
+
 def test_curves_put_one_loss_type_per_axis(tmp_path):
     """Rows training different objectives: their own losses are not plotted on one axis (the log-prob gap
     compares them); rows of one objective keep the loss panel."""

@@ -251,6 +251,8 @@ class RunConfig:
     device: str = spec("auto", "torch device", choices=["auto", "cpu", "cuda"])
     threads: int = spec(0, "torch CPU threads (0 = torch default)", ge=0)
     overwrite: bool = spec(False, "re-run a finished run dir instead of skipping it")
+    reuse: bool = spec(False, "copy a finished run with the same config and clean commit instead of training "
+                       "(opd_exp/reuse.py; the paper tables' shared cells)")
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     task: TaskConfig = field(default_factory=TaskConfig)

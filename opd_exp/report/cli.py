@@ -336,6 +336,20 @@ def write_claims(runs: list[Run], out: Path, spec_: ReportSpec | None) -> list[s
     return claims_markdown(results)
 
 
+def included_sections(out: Path, names: list[str]) -> list[str]:
+    """``report.include``: each file's Markdown, its headings one level down, under a heading naming it; a file
+    not written yet is one line saying so (the report never fails on it)."""
+    lines = []
+    for name in names:
+        path = out / name
+        if not path.is_file():
+            lines += [f"## {name}", "", f"Not written yet: {path} (see the experiment file for its command).", ""]
+            continue
+        text = path.read_text().strip().splitlines()
+        lines += [f"## {name}", ""] + [f"#{line}" if line.startswith("#") else line for line in text] + [""]
+    return lines
+
+
 def toy_report(runs: list[Run], out: Path) -> bool:
     """Hand toy-study runs to the toy module's own report; False when that module is not available."""
     try:
@@ -369,6 +383,7 @@ def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> 
         body += write_estimators_report(opd, out)
     if opd:
         body += write_claims(opd, out, spec_)
+    body += included_sections(out, spec_.include if spec_ else [])
     body += provenance(runs, args)
     if opd or not toy_written:
         body += ["## Tables", ""] + write_tables(opd or toy, out, spec_ if opd else None)

@@ -72,6 +72,8 @@ class ReportSpec:
     facets: list[str] = spec(default_factory=lambda: ["model"], doc="keys splitting every table per value")
     tables: list[TableSpec] = spec(default_factory=list, doc="the tables")
     claims: list[ClaimSpec] = spec(default_factory=list, doc="the paper's claims, checked per facet")
+    include: list[str] = spec(default_factory=list, doc="Markdown files in the report's dir, written by another "
+                              "committed command, embedded in README.md after the claims")
 
 
 def report_spec(runs: list[Run]) -> ReportSpec | None:
