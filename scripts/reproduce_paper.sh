@@ -129,13 +129,38 @@ run_part() {  # run_part <experiment> <part> <command...>: run, time and record 
   echo "[reproduce_paper] $name $part: $((SECONDS - start)) s (exit $code)"
 }
 
+# One line of overrides per distinct pair the experiments train (their swept `model` values under their own
+# task): "experiment=<name> [model=<value>]". Toy experiments train no pair.
+pair_overrides() {
+  "$PYTHON" - "$@" <<'PY'
+import sys
+from omegaconf import OmegaConf
+seen = {}
+for name in sys.argv[1:]:
+    node = OmegaConf.load(f"conf/experiment/{name}.yaml")
+    if str(node.get("runner", "opd")) != "opd":
+        continue
+    models = [m.strip() for m in str(OmegaConf.select(node, "hydra.sweeper.params.model") or "").split(",")]
+    task = next((str(d["override /task"]) for d in node.get("defaults") or []
+                 if isinstance(d, dict) and "override /task" in d), "")
+    for model in models:
+        seen.setdefault((model, task), f"experiment={name}" + (f" model={model}" if model else ""))
+print("\n".join(seen.values()))
+PY
+}
+
 TOTAL_START=$SECONDS
-# The default pair first, on every core: a sweep's cells run with one thread each, and while the first cell
-# bootstraps the pair the others wait for its lock (the weights do not depend on the thread count: the committed
-# pair's sha256 is the same bootstrapped with 1 and 2 threads). The experiments' other pairs (tiny_mismatch, ...)
-# are bootstrapped by their first cell.
+# Every pair first, each on every core: a sweep's cells run with one thread each, and while the first cell
+# bootstraps a pair the others wait for its lock, a core idle (the tiny pairs' weights do not depend on the thread
+# count: the committed pair's sha256 is the same bootstrapped with 1 and 2 threads; the games pair sets its own,
+# model.bootstrap.threads). A cached pair takes seconds.
 if [ "$SCALE" != real ]; then
-  run_part pair bootstrap "$PYTHON" -m opd_exp.check --pair-only "${SCALE_OVERRIDES[@]}"
+  while read -r line; do
+    [ -n "$line" ] || continue
+    read -ra pair_args <<< "$line"
+    run_part pair "bootstrap ${line#experiment=}" "$PYTHON" -m opd_exp.check --pair-only "${pair_args[@]}" \
+      "${SCALE_OVERRIDES[@]}"
+  done < <(pair_overrides "${EXPERIMENTS[@]}")
 fi
 for name in "${EXPERIMENTS[@]}"; do
   args=("experiment=$name" "hydra.sweep.dir=$SWEEP_ROOT/$name")

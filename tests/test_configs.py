@@ -155,9 +155,17 @@ def test_reproduce_script_dry_run_names_each_sweep_and_report():
     assert "-m opd_exp experiment=math_main hydra.sweep.dir=multirun/smoke/math_main" in out
     assert "-m opd_exp.report.cli multirun/smoke/lr_tune --out outputs/smoke/results/lr_tune" in out
     assert "model.bootstrap]" in out  # the scale's keys are left out of the cells' dir names
-    # the default pair is bootstrapped first, with the scale's overrides and every core
-    first = next(line for line in out.splitlines() if line.startswith("+ "))
-    assert "-m opd_exp.check --pair-only train.steps=2" in first and "threads=1" not in first
+    # every pair the sweeps train is bootstrapped first, once each, with the scale's overrides and every core
+    lines = [line for line in out.splitlines() if line.startswith("+ ")]
+    pairs = [line for line in lines if "-m opd_exp.check --pair-only" in line]
+    assert lines[:len(pairs)] == pairs and len(pairs) == 2, lines
+    assert {p.split("--pair-only ")[1].split(" train.steps=2")[0] for p in pairs} == {
+        "experiment=math_main model=tiny_mismatch", "experiment=math_main model=tiny"}  # lr_tune's tiny: the same
+    assert all("threads=1" not in p for p in pairs)
+    multitask = subprocess.run(["bash", str(script), "multitask", "toy_gamma"], env=env, capture_output=True,
+                               text=True, timeout=60, check=True).stdout
+    assert [line for line in multitask.splitlines() if "--pair-only" in line][0].startswith(
+        "+ " + sys.executable + " -m opd_exp.check --pair-only experiment=multitask train.steps=2")  # the mix pair
     estimators = subprocess.run(["bash", str(script), "estimators"], env=env, capture_output=True, text=True,
                                 timeout=60, check=True).stdout
     assert "experiment=estimators_lr_tune" not in estimators  # the committed lrs; re-tuning is its own part
