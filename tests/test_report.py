@@ -170,6 +170,7 @@ def test_math_main_table_means_cis_and_failed_cell(tmp_path):
     assert list(table[table["row"] == "Teacher"]["column"]) == ["id", "long", "wide", "avg"]
 
     readme = (out / "README.md").read_text()
+    assert "- reused:" not in readme  # no run was copied
     assert "ValueError: boom in cell" in readme
     assert "unfinished (no run_summary.json)" in readme
     assert "seeds: 0, 1, 2, 3" in readme and "abc123" in readme
@@ -222,6 +223,20 @@ def test_included_files_are_embedded_in_the_readme(tmp_path):
     assert "## collapse.md\n\n## Evidence\n\n| run | n |" in readme
     assert "| Ours | 7 |" in readme
     assert "## absent.md" in readme and "Not written yet" in readme
+
+
+def test_reused_runs_are_counted_with_their_sweeps(tmp_path):
+    sweep = make_math_main(tmp_path)
+    for path in list(sweep.glob("*/run_summary.json"))[:2]:
+        summary = json.loads(path.read_text())
+        if summary["status"] == "completed":
+            summary["reused_from"] = str(tmp_path / "multirun" / "ablation_components" / "recipe=ours,seed=0")
+            path.write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    assert report.main([str(sweep), "--out", str(out)]) == 0
+    readme = (out / "README.md").read_text()
+    n = sum("reused_from" in json.loads(p.read_text()) for p in sweep.glob("*/run_summary.json"))
+    assert n >= 1 and f"- reused: {n} runs copy a finished run" in readme and "sweeps ablation_components" in readme
 
 
 def test_curves_put_one_loss_type_per_axis(tmp_path):

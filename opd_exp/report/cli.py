@@ -255,7 +255,19 @@ def provenance(runs: list[Run], args: list[str]) -> list[str]:
         f"- scale: {', '.join(scale_lines(runs)) or 'unknown'}" if any(r.runner == "opd" for r in runs)
         else "- scale: the toy study's settings (toy.* in each run's config.yaml)",
         f"- wall time: {sum(wall) / 3600:.2f} h summed over runs (per cell below)",
+        *reused_line(runs),
         f"- versions: {', '.join(f'{k} {v}' for k, v in sorted(versions.items())) or 'unknown'}", ""]
+
+
+def reused_line(runs: list[Run]) -> list[str]:
+    """How many runs copied a finished run of the same config (``reuse=true``, opd_exp/reuse.py), and from
+    which sweeps; nothing when none did."""
+    sources = [Path(r.summary["reused_from"]) for r in runs if r.summary.get("reused_from")]
+    if not sources:
+        return []
+    where = ", ".join(sorted({src.parent.name for src in sources}))
+    return [f"- reused: {len(sources)} runs copy a finished run with the same config and commit (`reuse=true`; "
+            f"their wall time is the copy's) from the sweeps {where}"]
 
 
 def cell_sections(runs: list[Run]) -> list[str]:
