@@ -38,6 +38,12 @@ def last_samples(run: Path) -> tuple[int, dict]:
     return int(files[-1].stem.removeprefix("samples_step")), {k: z[k] for k in z.files}
 
 
+def _writes_answer(s: dict, row: int, vocab: dict[str, int]) -> bool:
+    """The row holds the answer prefix "A:" (two ids, "A" then ":"), which the grader reads the answer after."""
+    ids = s["token_id"][np.flatnonzero(s["row"] == row)[np.argsort(s["abs_pos"][s["row"] == row])]]
+    return bool(np.any((ids[:-1] == vocab["A"]) & (ids[1:] == vocab[":"])))
+
+
 def summarise(run: Path, vocab: dict[str, int]) -> dict:
     """The numbers of one run (module docstring)."""
     step, s = last_samples(run)
@@ -57,6 +63,11 @@ def summarise(run: Path, vocab: dict[str, int]) -> dict:
             first_lp.append(lp[hits[0]])
             later_lp.extend(lp[hits[1:]])
     out["rows writing <|endoftext|>"] = rows_with_eot / max(1, len(rows))
+    out["rows writing A:"] = float(np.mean([_writes_answer(s, r, vocab) for r in rows]))
+    first = np.load(sorted((run / "diag").glob("samples_step*.npz"),
+                           key=lambda p: int(p.stem.removeprefix("samples_step")))[0])
+    out["teacher logp per token first -> last step"] = (f"{np.mean(first['teacher_logprob']):.3g} -> "
+                                                        f"{np.mean(s['teacher_logprob']):.3g}")
     out["teacher logp, first <|endoftext|>"] = float(np.mean(first_lp)) if first_lp else float("nan")
     out["teacher logp, later <|endoftext|>"] = float(np.mean(later_lp)) if later_lp else float("nan")
     steps = [m for m in read_metrics(run) if "step" in m and "train/response_len" in m]
@@ -85,7 +96,7 @@ def sweep_runs(sweep: Path) -> list[str]:
     """LABEL=RUN_DIR for every completed run under ``sweep``, in the sweep's job order, labelled by the
     ``recipe=`` override (every override when there is none)."""
     found = []
-    for path in sweep.glob("*/run_summary.json"):
+    for path in sweep.rglob("run_summary.json"):  # a recipe=a/b value nests its cell one dir deeper
         summary = json.loads(path.read_text())
         if summary.get("status") != "completed":
             continue

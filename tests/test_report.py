@@ -214,6 +214,7 @@ def test_included_files_are_embedded_in_the_readme(tmp_path):
     for cfg_file in sweep.glob("*/config.yaml"):
         cfg = yaml.safe_load(cfg_file.read_text())
         cfg["report"]["include"] = ["collapse.md", "absent.md"]
+        cfg["report"]["notes"] = ["What the evidence shows."]
         cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = tmp_path / "out"
     out.mkdir()
@@ -221,6 +222,7 @@ def test_included_files_are_embedded_in_the_readme(tmp_path):
     assert report.main([str(sweep), "--out", str(out)]) == 0
     readme = (out / "README.md").read_text()
     assert "## collapse.md\n\n## Evidence\n\n| run | n |" in readme
+    assert readme.index("## Notes\n\nWhat the evidence shows.") < readme.index("## collapse.md")
     assert "| Ours | 7 |" in readme
     assert "## absent.md" in readme and "Not written yet" in readme
 

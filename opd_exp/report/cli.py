@@ -395,6 +395,8 @@ def write_experiment(name: str, runs: list[Run], out: Path, args: list[str]) -> 
         body += write_estimators_report(opd, out)
     if opd:
         body += write_claims(opd, out, spec_)
+    if spec_ and spec_.notes:
+        body += ["## Notes", ""] + [line for note in spec_.notes for line in (note.strip(), "")]
     body += included_sections(out, spec_.include if spec_ else [])
     body += provenance(runs, args)
     if opd or not toy_written:

@@ -74,6 +74,8 @@ class ReportSpec:
     claims: list[ClaimSpec] = spec(default_factory=list, doc="the paper's claims, checked per facet")
     include: list[str] = spec(default_factory=list, doc="Markdown files in the report's dir, written by another "
                               "committed command, embedded in README.md after the claims")
+    notes: list[str] = spec(default_factory=list, doc="paragraphs under 'Notes' before the included files: what "
+                            "the tables and included evidence show, written in the experiment file")
 
 
 def report_spec(runs: list[Run]) -> ReportSpec | None:
