@@ -304,6 +304,24 @@ def test_claim_verdicts(expect, diffs, verdict):
         "untestable at this scale: responses never drift")
 
 
+def test_a_claim_whose_mde_exceeds_the_teachers_lead_is_untestable():
+    """Not significant with an MDE above the teacher - student gap on the split: no plausible effect could have
+    shown (the room is unknown, nan, for a pair without teacher results: the plain verdict)."""
+    diffs = [0.10, -0.05, 0.02, 0.0]
+    r = judged("higher", diffs)
+    assert r.verdict.startswith("not significant (MDE ")
+    for room, expected in ((r.mde + 0.01, "not significant (MDE "), (r.mde - 0.01, "untestable at this scale: "),
+                           (-0.02, "untestable at this scale: ")):
+        r.room = room
+        claims.judge([("", r)])
+        assert r.verdict.startswith(expected), (room, r.verdict)
+    assert "teacher's lead over the student on id" in r.verdict
+    r = judged("higher", [0.10, 0.12, 0.11, 0.13])
+    r.room = 0.0
+    claims.judge([("", r)])
+    assert r.verdict == "reproduces"  # a significant claim keeps its verdict
+
+
 def test_paired_tests_by_hand():
     """Against the textbook closed forms of Student's t for 2, 3 and 4 degrees of freedom."""
     cdf3 = lambda t: 0.5 + (t / math.sqrt(3) / (1 + t * t / 3) + math.atan(t / math.sqrt(3))) / math.pi  # noqa: E731

@@ -12,6 +12,9 @@ claim and facet group of an experiment) are Holm-adjusted as one family; the ver
     higher / lower:  reproduces                 adjusted p < 0.05, mean(d) on the paper's side
                      opposite (significant)     adjusted p < 0.05, on the other side
                      not significant (MDE x)    otherwise: no effect smaller than ~x could have shown
+                     untestable at this scale   otherwise, when x exceeds the teacher's lead over the student
+                                                on the split (the room distillation has): no plausible effect
+                                                could have shown
     similar:         equivalent (within +-m)    adjusted TOST p < 0.05
                      opposite (significant)     the difference test is significant (adjusted) instead
                      not significant (...)      neither: the data cannot tell (margin and MDE stated)
@@ -83,6 +86,7 @@ class ClaimResult:
     p: float
     p_equiv: float
     mde: float
+    room: float = math.nan  # mean teacher - mean student_before on the split: the room distillation has
     p_holm: float = math.nan
     verdict: str = ""
 
@@ -118,6 +122,9 @@ def verdict(r: ClaimResult, p_diff_holm: float, alpha: float = 0.05) -> str:
         return f"not significant (not shown equivalent within +-{r.spec.margin * 100:g} pts; {mde})"
     if r.p_holm < alpha:
         return "reproduces" if (r.diff.mean > 0) == (r.spec.expect == "higher") else "opposite (significant)"
+    if r.mde > r.room:  # False when the room is unknown (nan)
+        return (f"untestable at this scale: not significant, and its {mde} exceeds the teacher's lead over the "
+                f"student on {r.split} ({r.room * 100:.1f} pts)")
     return f"not significant ({mde})"
 
 
@@ -144,9 +151,11 @@ def evaluate_claim(claim: ClaimSpec, runs: list, matches, hardest_split) -> Clai
         sides.append(values_by_seed(picked, side.who, key))
     a, b = sides
     paired = [a[s] - b[s] for s in a if s in b]
+    teacher, before = (list(values_by_seed(runs, who, key).values()) for who in ("teacher", "student_before"))
+    room = sum(teacher) / len(teacher) - sum(before) / len(before) if teacher and before else math.nan
     return ClaimResult(claim, str(split), mean_ci(list(a.values())), mean_ci(list(b.values())), mean_ci(paired),
                        p=paired_t_p(paired), p_equiv=tost_p(paired, claim.margin) if claim.expect == "similar"
-                       else math.nan, mde=min_detectable_effect(paired))
+                       else math.nan, mde=min_detectable_effect(paired), room=room)
 
 
 def _pct(stat: Stat, ci: bool = False) -> str:
@@ -169,15 +178,18 @@ def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
              "seeds with its 95% t-interval (percentage points); p is the paired t-test's (for a `similar` "
              "claim, the equivalence test's within the margin), Holm p the same adjusted over every claim of "
              "this report, and the verdict reads Holm p; MDE: the smallest true difference these seeds detect "
-             "with power 0.8 (opd_exp/report/claims.py).", "",
-             "| claim | paper | group | split | a | b | a - b [95% CI] | n | p | Holm p | MDE / margin | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "with power 0.8; teacher lead: the teacher's score minus the student's before distillation on the "
+             "split, the room distillation has (a claim whose MDE exceeds it is untestable at this scale) "
+             "(opd_exp/report/claims.py).", "",
+             "| claim | paper | group | split | a | b | a - b [95% CI] | n | p | Holm p | MDE / margin | teacher lead "
+             "| verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, r in results:
         bound = (f"+-{r.spec.margin * 100:g} (MDE {r.mde * 100:.1f})" if r.spec.expect == "similar"
                  else f"{r.mde * 100:.1f}") if not math.isnan(r.mde) else "–"
         lines.append(f"| {r.spec.claim} | {r.spec.paper} | {group or 'all'} | {r.split} | {_pct(r.a)} | "
                      f"{_pct(r.b)} | {_pct(r.diff, ci=True)} | {r.diff.n} | {_p(r.test_p)} | {_p(r.p_holm)} | "
-                     f"{bound} | {r.verdict} |")
+                     f"{bound} | {'–' if math.isnan(r.room) else f'{r.room * 100:.1f}'} | {r.verdict} |")
     counts = defaultdict(int)
     for _, r in results:
         counts[r.verdict.split(" (")[0].split(":")[0]] += 1
@@ -192,7 +204,7 @@ def claims_frame(results: list[tuple[str, ClaimResult]]):
     rows = [{"claim": r.spec.claim, "paper": r.spec.paper, "group": group, "split": r.split,
              "metric": r.spec.metric, "expect": r.spec.expect, "a_mean": r.a.mean, "b_mean": r.b.mean,
              "diff_mean": r.diff.mean, "diff_ci_lo": r.diff.lo, "diff_ci_hi": r.diff.hi, "n": r.diff.n,
-             "p": r.p, "p_equiv": r.p_equiv, "p_holm": r.p_holm, "mde": r.mde,
+             "p": r.p, "p_equiv": r.p_equiv, "p_holm": r.p_holm, "mde": r.mde, "teacher_lead": r.room,
              "margin": r.spec.margin if r.spec.expect == "similar" else math.nan, "verdict": r.verdict}
             for group, r in results]
     return pd.DataFrame(rows)
