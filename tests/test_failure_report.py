@@ -85,9 +85,11 @@ def make_run(root: Path, pair: str, cell: str, seed: int, loop: bool = False) ->
     (run / "diag").mkdir(parents=True)
     config = {"experiment": "failure_modes", "runner": "opd", "seed": seed,
               "model": {"name": pair, "kind": "tiny", "special_tokens": SPECIAL,
-                        "bootstrap": {"teacher": {"convention": {"end": "<|endoftext|>" if pair == "tiny_mismatch"
-                                                                 else "<|im_end|>"}},
-                                      "student": {"convention": {"end": "<|im_end|>"}}}},
+                        # as conf/model/*.yaml: the mismatched teacher names its convention, the others write the
+                        # default one without naming it
+                        "bootstrap": {"teacher": {"sft_steps": 500} | ({"convention": {"end": "<|endoftext|>"}}
+                                                                       if pair == "tiny_mismatch" else {}),
+                                      "student": {"sft_steps": 250}}},
               "estimator": {"name": estimator}, "sampling": {"top_p": top_p}, "mask": {"enabled": mask},
               "train": {"steps": 5}}
     (run / "config.yaml").write_text(yaml.safe_dump(config))

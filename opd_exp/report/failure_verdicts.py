@@ -40,11 +40,13 @@ def responses_loop(cells: dict[Cell, list[Run]], m2_rows: list[dict], pair: str)
 
 def conventions_match(cells: dict[Cell, list[Run]], pair: str) -> bool:
     """The pair's teacher and student were bootstrapped with one response convention (think delimiters, end
-    token): mode 3 is a control there (no mismatch by construction), not a claim. False when unknown."""
+    token): mode 3 is a control there (no mismatch by construction), not a claim. A bootstrapped model that
+    names no convention writes the default one. False when unknown (a checkpoint pair: no bootstrap block)."""
     run = next((rs[0] for c, rs in cells.items() if c.pair == pair and rs), None)
     boot = (((run.config.get("model") or {}).get("bootstrap") or {}) if run else {})
-    teacher, student = (boot.get("teacher") or {}).get("convention"), (boot.get("student") or {}).get("convention")
-    return teacher is not None and teacher == student
+    if not boot.get("teacher") or not boot.get("student"):
+        return False
+    return boot["teacher"].get("convention") == boot["student"].get("convention")
 
 
 def truncation(cells: dict[Cell, list[Run]]) -> dict[Cell, dict]:
