@@ -105,8 +105,9 @@ def test_paper_experiment_is_a_deterministic_multirun(name):
 
 
 def report_spec_of(cfg):
-    class _Run:  # report_spec reads run.config["report"]
-        config = {"report": OmegaConf.to_container(cfg.report, resolve=True)}
+    class _Run:  # report_spec reads the experiment file's report block, resolved against run.config
+        experiment = cfg.experiment
+        config = {"report": OmegaConf.to_container(cfg.report, resolve=True), "eval": {"k": cfg.eval.k}}
 
     return report_spec([_Run()])
 

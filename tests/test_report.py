@@ -207,9 +207,24 @@ def test_a_shared_evaluation_shows_its_interval_over_prompts(tmp_path):
     assert "| Teacher | 90.0 [85.0, 95.0] |" in (out / "main.md").read_text()
 
 
-def test_included_files_are_embedded_in_the_readme(tmp_path):
+def test_the_checkouts_experiment_file_lays_out_the_report(tmp_path):
+    """The title, tables and claims come from conf/experiment/<name>.yaml as committed, not from the block each
+    run stored when it ran (a stale title there is ignored)."""
+    sweep = make_math_main(tmp_path)
+    for cfg_file in sweep.glob("*/config.yaml"):
+        cfg = yaml.safe_load(cfg_file.read_text())
+        cfg["report"]["title"] = "A stale title"
+        cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "A stale title" not in readme
+    assert readme.startswith(f"# {experiment_block('math_main')['report']['title']} (`math_main`)")
+
+
+def test_included_files_are_embedded_in_the_readme(tmp_path, monkeypatch):
     """report.include: a Markdown file another command wrote into the report's dir is embedded (headings one
     level down); a missing one is named, and the report still completes."""
+    monkeypatch.setattr(table_mod, "CONF_DIR", tmp_path / "no_conf")  # the runs' stored block: no file
     sweep = make_math_main(tmp_path)
     for cfg_file in sweep.glob("*/config.yaml"):
         cfg = yaml.safe_load(cfg_file.read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from opd_exp.config.validation import spec, validate
 from opd_exp.report.claims import WHO, ClaimSpec, SideSpec
@@ -79,10 +80,18 @@ class ReportSpec:
 
 
 def report_spec(runs: list[Run]) -> ReportSpec | None:
-    """The report block of the first run that has one (validated), or None for ad-hoc sweeps."""
-    block = next((r.config.get("report") for r in runs if r.config.get("report")), None)
-    if not block:
+    """The report block (validated) of the runs' experiment file in this checkout
+    (conf/experiment/<experiment>.yaml, interpolations such as ${eval.k} resolved against the run's config), so
+    that the title, tables, claims and notes committed beside the report are the ones it applies; where there is
+    no such file, the block stored with the first run that has one; None for ad-hoc sweeps."""
+    run = next((r for r in runs if r.config.get("report")), None)
+    if run is None:
         return None
+    block = run.config["report"]
+    path = CONF_DIR / "experiment" / f"{run.experiment}.yaml"
+    if path.is_file() and "report" in (node := OmegaConf.load(path)):
+        resolved = OmegaConf.merge({k: v for k, v in run.config.items() if k != "report"}, {"report": node.report})
+        block = OmegaConf.to_container(resolved.report, resolve=True)
     return validate(ReportSpec, block, "report")
 
 
