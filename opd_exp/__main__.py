@@ -247,10 +247,11 @@ def _execute_locked(cfg: RunConfig, cfg_node: DictConfig, run_dir: Path, summary
             summary.update(status="failed", error=traceback.format_exc())
             print(f"[opd-exp] run failed in {run_dir}:\n{summary['error']}", file=sys.stderr)
     summary["wall_time_s"] = elapsed_before + time.time() - start
-    if key and summary["status"] == "completed":
+    reusable = bool(key) and summary["status"] == "completed"
+    if reusable:
         summary["reuse_key"] = key
     unwritten = write_final_summary(run_dir, summary)
-    if unwritten is None and key and summary["status"] == "completed" and source is None:
+    if unwritten is None and reusable and source is None:  # a copy is not recorded: its source already is
         reuse.record(_cache(cfg), key, run_dir)
     if unwritten is not None:
         print(f"[opd-exp] {unwritten}", file=sys.stderr)
