@@ -62,7 +62,7 @@ def finish() -> None:
         gather(True)  # a barrier over gloo (CPU objects), on a CPU or a CUDA run alike
     except RuntimeError:  # a rank already left (rank 0 exits 143 when interrupted): nothing to wait for
         pass
-    dist.destroy_process_group()
+    _leave()
 
 
 def local_device(device: torch.device) -> torch.device:
