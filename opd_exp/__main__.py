@@ -377,7 +377,7 @@ def hydra_main(cfg: DictConfig) -> None:
             follow(cfg, run_dir)
         else:
             execute(cfg, run_dir, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)
-        return distributed.finish()  # every rank leaves together, after rank 0's evaluation
+        distributed.finish()  # every rank leaves together, after rank 0's evaluation, and exits 0 here
     if hc.mode == RunMode.MULTIRUN:
         return execute_cell(cfg, run_dir, list(hc.overrides.task))
     execute(cfg, run_dir, list(hc.overrides.task), hc.mode == RunMode.MULTIRUN)

@@ -3,7 +3,9 @@
 # then opd-exp-report on each, recording the wall time of every part.
 #
 # Usage:
-#   scripts/reproduce_paper.sh                       # every experiment at the default scale (tiny pair, CPU)
+#   scripts/reproduce_paper.sh                       # every paper table, then the estimator comparison, at the
+#                                                    # default scale (tiny pairs, CPU), with the committed lrs
+#   scripts/reproduce_paper.sh lr_tune               # re-tune the tables' lrs first (then edit conf/recipe/*.yaml)
 #   scripts/reproduce_paper.sh math_main             # one experiment (several names are fine)
 #   SCALE=smoke scripts/reproduce_paper.sh           # a 2-step run of every cell: checks the plumbing in minutes
 #   SCALE=real NPROC=8 scripts/reproduce_paper.sh math_main      # the paper's pair and data on 8 GPUs (FSDP)
@@ -38,9 +40,9 @@
 #            Expected wall time and memory: the README's GPU recipe (estimates).
 #
 # Re-running the script resumes: finished cells are skipped, failed and interrupted ones are re-run. Timings
-# are appended to <results root>/timings.tsv (experiment, part, seconds, exit code). lr_tune runs first; its
-# chosen learning rates are written into conf/recipe/*.yaml by hand (with a comment naming the sweep), so
-# re-run the other experiments after updating the recipes.
+# are appended to <results root>/timings.tsv (experiment, part, seconds, exit code). `lr_tune` runs only when
+# named; its chosen learning rates are written into conf/recipe/*.yaml by hand (with a comment naming the
+# sweep), so re-run the other experiments after updating the recipes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,15 +58,17 @@ NPROC="${NPROC:-1}"  # SCALE=real: GPUs per run (torchrun, the student sharded w
 if [ "$#" -gt 0 ]; then
   EXPERIMENTS=("$@")
 else
-  # lr_tune first (it chooses the recipes' learning rates), then every other experiment file; the estimator
-  # comparison last, as its own part (estimators_lr_tune, then estimators)
-  # mismatch_collapse before math_main: math_main's report embeds its evidence (results/math_main/collapse.md)
-  EXPERIMENTS=(lr_tune mismatch_collapse)
+  # every paper table with the committed learning rates, then the estimator comparison as its own part; the lr
+  # sweeps that chose those rates (lr_tune, estimators_lr_tune) run when named: they rewrite the recipes
+  # mismatch_collapse before math_main: math_main's report embeds its evidence (results/math_main/collapse.md);
+  # multitask before ablation_support_multitask: the latter's V1 cells are the former's Ours w/o mask (reuse)
+  EXPERIMENTS=(mismatch_collapse)
   for f in conf/experiment/*.yaml; do
     name="$(basename "$f" .yaml)"
-    case "$name" in lr_tune|mismatch_collapse|estimators|estimators_lr_tune) ;; *) EXPERIMENTS+=("$name") ;; esac
+    case "$name" in lr_tune|mismatch_collapse|multitask|ablation_support_multitask|estimators|estimators_lr_tune) ;;
+      *) EXPERIMENTS+=("$name") ;; esac
   done
-  EXPERIMENTS+=(estimators_lr_tune estimators)
+  EXPERIMENTS+=(multitask ablation_support_multitask estimators)
 fi
 if [ "$SCALE" = real ] && [ "$#" -eq 0 ]; then  # the paper's math tables; the paper's lr for every method
   EXPERIMENTS=(math_main ablation_components ablation_support ablation_k_topp failure_modes)

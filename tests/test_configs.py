@@ -172,6 +172,22 @@ def test_reproduce_script_dry_run_names_each_sweep_and_report():
     assert "experiment=estimators_lr_tune" not in estimators  # the committed lrs; re-tuning is its own part
 
 
+def test_reproduce_script_default_runs_every_table_with_the_committed_lrs_then_the_estimators():
+    """No argument: every experiment file but the two lr sweeps (they rewrite the recipes: run when named), in
+    the order the reports and the reuse need."""
+    script = CONF.parent / "scripts" / "reproduce_paper.sh"
+    env = {**os.environ, "DRY_RUN": "1", "SCALE": "smoke", "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60,
+                         check=True).stdout
+    names = [line.split("experiment=")[1].split()[0] for line in out.splitlines()
+             if line.startswith("+ ") and " -m opd_exp experiment=" in line]
+    expected = {f.stem for f in (CONF / "experiment").glob("*.yaml")} - {"lr_tune", "estimators_lr_tune"}
+    assert sorted(names) == sorted(expected), names
+    assert names[-1] == "estimators"
+    assert names.index("mismatch_collapse") < names.index("math_main")  # T1's report embeds the collapse study
+    assert names.index("multitask") < names.index("ablation_support_multitask")  # V1 reuses T2's cells
+
+
 def test_reproduce_script_real_scale_runs_the_paper_setup_and_each_sweep_validates():
     """SCALE=real NPROC=2: the paper's math tables, each sweep under torchrun with the student sharded, on
     model=paper_math task=benchmark at the paper's settings; each sweep's first cell composes and validates with

@@ -15,7 +15,10 @@ from __future__ import annotations
 import atexit
 import datetime
 import hashlib
+import logging
 import os
+import sys
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -51,18 +54,24 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
-def finish() -> None:
-    """Leave the process group together: wait until every rank is here (rank 0 evaluates alone at the end of a
-    run while the others are done), then destroy it (a no-op when not initialized, so safe to call twice).
-    A rank that tore its group down while rank 0 was still running aborted at exit now and then under load
-    (SIGABRT, "terminate called without an active exception", in CI on 2026-12-03)."""
-    if not dist.is_initialized():
-        return
-    try:
-        gather(True)  # a barrier over gloo (CPU objects), on a CPU or a CUDA run alike
-    except RuntimeError:  # a rank already left (rank 0 exits 143 when interrupted): nothing to wait for
-        pass
-    _leave()
+def finish() -> NoReturn:
+    """Leave together and end the process: wait until every rank is here (rank 0 evaluates alone at the end of a
+    run while the others are done), flush, and exit 0 without the interpreter's teardown (``os._exit``).
+
+    Tearing the group down at exit aborted a rank now and then under load (SIGABRT, "terminate called without an
+    active exception": in CI on 2026-12-03 once rank 1 exiting while rank 0 evaluated, once rank 0 after a barrier
+    and ``destroy_process_group``): gloo's worker threads can outlive the group and meet a half-finalized
+    interpreter (pytorch/pytorch#179291). Every file the run writes is closed by then; sockets close with the
+    process. A run that fails or is interrupted never gets here (it exits through ``_leave``)."""
+    if dist.is_initialized():
+        try:
+            gather(True)  # a barrier over gloo (CPU objects), on a CPU or a CUDA run alike
+        except RuntimeError:  # a rank already left (rank 0 exits 143 when interrupted): nothing to wait for
+            pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def local_device(device: torch.device) -> torch.device:
