@@ -20,6 +20,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from opd_exp.config.validation import ConfigError
 from opd_exp.report import claims, stats
 from opd_exp.report import cli as report
 from opd_exp.report import runs as runs_mod
@@ -317,6 +318,35 @@ def test_claim_verdicts(expect, diffs, verdict):
     assert judged(expect, diffs).verdict.startswith(verdict)
     assert judged(expect, diffs, untestable="responses never drift").verdict == (
         "untestable at this scale: responses never drift")
+
+
+def test_a_training_dynamics_claim_reads_each_runs_curve_over_its_last_steps(tmp_path):
+    """metric: train/<name>: each run's mean over its last `window` of steps, paired by seed, in the curve's
+    own units; a teacher or before-training side is refused by name."""
+    runs = []
+    for recipe, offset in (("topk_full", 0.0), ("baseline", 5.0)):
+        for seed in range(3):
+            cfg = base_config("ablation_components", seed, recipe=recipe)
+            run = make_run(tmp_path / recipe, [f"recipe={recipe}", f"seed={seed}"], cfg, steps=8)
+            rows = [{"step": s, "train/response_len": 20.0 + s + offset + seed * 0.1 * (recipe == "baseline")}
+                    for s in range(8)]  # ends 27 vs 32 (+0.1 * seed): shorter on every seed
+            (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            runs.append(runs_mod.load_run(run))
+    spec = claims.ClaimSpec(claim="LSM gives shorter responses", metric="train/response_len", window=0.25,
+                            a=claims.SideSpec(where={"recipe": "topk_full"}),
+                            b=claims.SideSpec(where={"recipe": "baseline"}), expect="lower")
+    matches = lambda run, where: all(run.lookup(k) == v for k, v in where.items())  # noqa: E731
+    r = claims.evaluate_claim(spec, runs, matches, hardest_split=None)
+    # steps >= 0.75 * 7 = 5.25: steps 6 and 7; a = 26.5, b = 31.5 + 0.1 * seed
+    assert r.a.mean == pytest.approx(26.5) and r.b.mean == pytest.approx(31.6) and r.diff.n == 3
+    assert r.diff.mean == pytest.approx(-5.1) and math.isnan(r.room) and r.split == "last 25% of steps"
+    claims.judge([("", r)])
+    assert r.verdict == "reproduces"
+    line = next(x for x in claims.claims_markdown([("", r)]) if x.startswith("| LSM"))
+    assert "| 26.5 | 31.6 | -5.1 [" in line  # tokens, not x 100 points
+    with pytest.raises(ConfigError, match="report.claims.b.who"):
+        claims.evaluate_claim(claims.ClaimSpec(metric="train/entropy", b=claims.SideSpec(who="teacher")), runs,
+                              matches, hardest_split=None)
 
 
 def test_a_claim_whose_mde_exceeds_the_teachers_lead_is_untestable():

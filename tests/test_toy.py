@@ -16,7 +16,7 @@ import torch
 
 from opd_exp.config import RunConfig
 from opd_exp.config.validation import ConfigError
-from opd_exp.toy import exact, gamma, report
+from opd_exp.toy import exact, gamma, report, stats
 from opd_exp.toy.env import MirrorTasks, bounded_step, final_distance, rollout, visitation
 from opd_exp.toy.estimators import microbatch_grad_variance, output_layer_grads, reward_to_go, surrogate_per_traj
 from opd_exp.toy.policy import GaussianMLP, gaussian_kl, gaussian_logprob, n_params
@@ -342,3 +342,49 @@ def test_cli_sweeps_and_report(tmp_path):
     for name in ("gamma_grad_var.png", "gamma_visitation.png", "exact_variance_vs_T.png", "gamma_summary.csv",
                  "exact_exponents.md", "exact_bias.csv"):
         assert (tmp_path / "out" / name).stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- verdicts of the toy claims
+def test_toy_claim_verdicts_use_the_tables_vocabulary():
+    up, down, noise = (1.0, 1.2, 0.9, 1.1, 1.05), (-1.0, -1.2, -0.9, -1.1, -1.05), (0.3, -0.5, 0.1, -0.2, 0.4)
+    for values, expected in ((up, "reproduces"), (down, "opposite (significant)"), (noise, "not significant (MDE")):
+        (row,) = stats.judge([{}], [stats.ClaimTest(parts=(values,))])
+        assert row["verdict"].startswith(expected), (values, row)
+    # every part must show the direction: the largest part's p decides
+    mixed = stats.ClaimTest(parts=(up, noise))
+    assert mixed.p == pytest.approx(stats.ClaimTest(parts=(noise,)).p)
+    assert stats.judge([{}], [mixed])[0]["verdict"].startswith("not significant")
+    assert stats.judge([{}], [stats.ClaimTest(parts=(up,))] * 1)[0]["p (raw / Holm)"].split(" / ")[0] == (
+        f"{stats.ClaimTest(parts=(up,)).p:.2g}")
+    # one seed: nothing to test
+    assert stats.judge([{}], [stats.ClaimTest(parts=((1.0,),))])[0]["verdict"].startswith("untestable at this scale")
+
+
+def test_a_small_significant_drift_inside_the_margin_is_equivalent_not_reproduced():
+    """The paper's drift (gamma = 1 never reaches the goal) is a size: a +0.004 gap, significant, within the
+    0.5 goal radius is 'equivalent'; a gap past the radius on every seed is not."""
+    tiny_gap = (0.0031, 0.0042, 0.0035, 0.0029, 0.0040)
+    test = stats.ClaimTest(parts=(tiny_gap,), margin=0.5, equiv=tiny_gap)
+    verdict = stats.judge([{}], [test], [" (the goal radius)"])[0]["verdict"]
+    assert verdict.startswith("equivalent (within +-0.5 (the goal radius)")
+    assert "direction alone is significant" in verdict
+    drift = (2.1, 2.4, 1.9, 2.2, 2.0)
+    drifted = stats.ClaimTest(parts=(drift,), margin=0.5, equiv=drift)
+    assert stats.judge([{}], [drifted])[0]["verdict"] == "reproduces"
+    # reaching both goals: +1 on a seed where gamma = 0 does and gamma = 1 does not
+    assert stats.judge([{}], [stats.ClaimTest(parts=((0.0,) * 5,), margin=0.5, equiv=(0.0,) * 5)])[0][
+        "verdict"].startswith("equivalent")
+    assert stats.judge([{}], [stats.ClaimTest(parts=((1.0,) * 5,), margin=0.5, equiv=(1.0,) * 5)])[0][
+        "verdict"] == "reproduces"
+
+
+def test_toy_claims_are_holm_adjusted_as_one_family():
+    """Two claims each significant alone (p ~ 0.03) are not after Holm: the smaller p doubles, the larger is
+    raised to it (monotone)."""
+    weak, weaker = (0.5, 0.1, 0.9, 0.2, 0.6), (0.5, 0.1, 0.9, 0.15, 0.6)
+    tests = [stats.ClaimTest(parts=(weak,)), stats.ClaimTest(parts=(weaker,))]
+    assert tests[0].p < tests[1].p < 0.05
+    (p_weak, p_equiv), (p_weaker, _) = stats.holm_family(tests)
+    assert p_weak == pytest.approx(2 * tests[0].p) and p_weaker == pytest.approx(2 * tests[0].p)
+    assert math.isnan(p_equiv)  # no margin, no equivalence test
+    assert all(row["verdict"].startswith("not significant") for row in stats.judge([{}, {}], tests))

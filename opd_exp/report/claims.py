@@ -2,7 +2,10 @@
 
 A claim compares two sides of a table, ``a`` and ``b`` (each a ``who`` evaluation of the runs matching
 ``where``, like a table row), on one split and metric, and says what the paper found: ``a`` is ``higher``,
-``lower`` or ``similar``. Each seed gives one paired difference d_s = a_s - b_s (the runs of a seed share the
+``lower`` or ``similar``. A training-dynamics claim (the paper's appendix: shorter responses, lower gradient norm
+and clip fraction, entropy kept) names a training curve as its metric, ``train/<name>``, read as each run's mean
+over the last ``window`` of its steps (both sides trained runs, compared at the same steps, in the curve's units).
+Each seed gives one paired difference d_s = a_s - b_s (the runs of a seed share the
 pair, the prompts and the seed; teacher and student_before are the same for every seed, so they pair with
 anything). Per claim: mean(d) with its 95% t-interval, the paired t-test's two-sided p, for a ``similar`` claim
 the equivalence test's p (TOST within +-``margin``), and the minimum detectable effect (MDE: the true mean(d)
@@ -33,6 +36,12 @@ Declared in an experiment file's ``report.claims`` (conf/experiment/math_main.ya
         expect: higher
         margin: 0.02                # similar claims: the equivalence margin (absolute; 0.02 = 2 points)
         untestable: ""              # or why this scale cannot test the claim
+      - claim: "LSM gives shorter responses"
+        metric: train/response_len  # a training curve (metrics.jsonl), in its own units
+        window: 0.25                # each run's mean over its last quarter of steps
+        a: {where: {recipe: topk_full}}
+        b: {where: {recipe: baseline}}
+        expect: lower
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from opd_exp.config.validation import spec
+from opd_exp.config.validation import ConfigError, spec
 from opd_exp.report.stats import Stat, holm, mean_ci, min_detectable_effect, paired_t_p, tost_p
 
 WHO = ("teacher", "student_before", "student_after")
@@ -63,12 +72,14 @@ class ClaimSpec:
 
     claim: str = spec("", "the claim in words")
     paper: str = spec("", "the paper's numbers behind it")
-    metric: str = spec("avg@4", "greedy@1 | avg@<k> | pass@<k>")
+    metric: str = spec("avg@4", "greedy@1 | avg@<k> | pass@<k> | train/<name> (a training curve)")
     split: str = spec("avg", "a split name | avg | hardest")
     a: SideSpec = field(default_factory=SideSpec)
     b: SideSpec = field(default_factory=SideSpec)
     expect: str = spec("higher", "what the paper found for a vs b", choices=list(EXPECT))
-    margin: float = spec(0.02, "equivalence margin of a `similar` claim (absolute: 0.02 = 2 points)", gt=0.0)
+    margin: float = spec(0.02, "equivalence margin of a `similar` claim (absolute, in the metric's units: 0.02 = 2 "
+                              "points of accuracy)", gt=0.0)
+    window: float = spec(0.25, "train/ metrics: the final share of each run's steps averaged", gt=0.0, le=1.0)
     untestable: str = spec("", "why this scale cannot test the claim (empty: it is tested)")
 
 
@@ -91,6 +102,23 @@ class ClaimResult:
     verdict: str = ""
 
     @property
+    def scale(self) -> float:
+        """Printed units per unit: accuracy in points (x 100), a training curve in its own units."""
+        return 1.0 if is_training(self.spec.metric) else 100.0
+
+    @property
+    def unit(self) -> str:
+        return "" if self.scale == 1.0 else " pts"
+
+    def number(self, value: float) -> str:
+        """``value`` in the claim's printed units: points with one decimal, or a curve's 3 significant digits."""
+        return f"{value:.3g}" if self.scale == 1.0 else f"{value * 100:.1f}"
+
+    @property
+    def margin_text(self) -> str:
+        return f"{self.spec.margin * self.scale:g}{self.unit}"
+
+    @property
     def test_p(self) -> float:
         """The p-value the verdict rests on: equivalence for a similar claim, difference otherwise."""
         return self.p_equiv if self.spec.expect == "similar" else self.p
@@ -106,6 +134,34 @@ def values_by_seed(runs: list, who: str, key: str) -> dict[Any, float]:
     return {seed: sum(v) / len(v) for seed, v in by_seed.items()}
 
 
+def is_training(metric: str) -> bool:
+    return metric.startswith("train/")
+
+
+def curve_tail_mean(run, key: str, window: float) -> float | None:
+    """The mean of the training curve ``key`` (metrics.jsonl) over the run's last ``window`` of steps: the rows
+    with step >= (1 - window) * last step; None when the run logged no finite value of it."""
+    from opd_exp.rundir import read_metrics
+
+    points = [(row["step"], float(row[key])) for row in read_metrics(run.path)
+              if key in row and row[key] is not None and math.isfinite(float(row[key]))]
+    if not points:
+        return None
+    start = (1 - window) * max(step for step, _ in points)
+    tail = [value for step, value in points if step >= start]
+    return sum(tail) / len(tail)
+
+
+def curve_by_seed(runs: list, key: str, window: float) -> dict[Any, float]:
+    """replicate -> the mean over its runs of :func:`curve_tail_mean`."""
+    by_seed: dict[Any, list[float]] = defaultdict(list)
+    for run in runs:
+        value = curve_tail_mean(run, key, window)
+        if value is not None:
+            by_seed[run.replicate].append(value)
+    return {seed: sum(v) / len(v) for seed, v in by_seed.items()}
+
+
 def verdict(r: ClaimResult, p_diff_holm: float, alpha: float = 0.05) -> str:
     """The verdict of a judged claim (module docstring): ``r.p_holm`` is its own test's adjusted p,
     ``p_diff_holm`` the adjusted p of its difference test (the same for a directional claim)."""
@@ -113,18 +169,18 @@ def verdict(r: ClaimResult, p_diff_holm: float, alpha: float = 0.05) -> str:
         return f"untestable at this scale: {r.spec.untestable}"
     if r.diff.n < 2:
         return f"not enough seeds (n = {r.diff.n})"
-    mde = f"MDE {r.mde * 100:.1f} pts"
+    mde, margin = f"MDE {r.number(r.mde)}{r.unit}", r.margin_text
     if r.spec.expect == "similar":
         if r.p_holm < alpha:
-            return f"equivalent (within +-{r.spec.margin * 100:g} pts)"
+            return f"equivalent (within +-{margin})"
         if p_diff_holm < alpha:
             return "opposite (significant difference)"
-        return f"not significant (not shown equivalent within +-{r.spec.margin * 100:g} pts; {mde})"
+        return f"not significant (not shown equivalent within +-{margin}; {mde})"
     if r.p_holm < alpha:
         return "reproduces" if (r.diff.mean > 0) == (r.spec.expect == "higher") else "opposite (significant)"
     if r.mde > r.room:  # False when the room is unknown (nan)
         return (f"untestable at this scale: not significant, and its {mde} exceeds the teacher's lead over the "
-                f"student on {r.split} ({r.room * 100:.1f} pts)")
+                f"student on {r.split} ({r.number(r.room)}{r.unit})")
     return f"not significant ({mde})"
 
 
@@ -143,27 +199,46 @@ def evaluate_claim(claim: ClaimSpec, runs: list, matches, hardest_split) -> Clai
     """``runs``: finished runs of one table group; ``matches(run, where)`` and ``hardest_split(runs, metric)``
     are the report's row selection and split choice, so a claim reads exactly what its table shows. The
     verdict is set by :func:`judge` over the whole family."""
+    if is_training(claim.metric):
+        return _evaluate_curve_claim(claim, runs, matches)
     split = hardest_split(runs, claim.metric) if claim.split == "hardest" else claim.split
     key = f"{split}/{claim.metric}"
     sides = []
     for side in (claim.a, claim.b):
         picked = [r for r in runs if matches(r, side.where)] if side.who == "student_after" else runs
         sides.append(values_by_seed(picked, side.who, key))
-    a, b = sides
-    paired = [a[s] - b[s] for s in a if s in b]
     teacher, before = (list(values_by_seed(runs, who, key).values()) for who in ("teacher", "student_before"))
     room = sum(teacher) / len(teacher) - sum(before) / len(before) if teacher and before else math.nan
-    return ClaimResult(claim, str(split), mean_ci(list(a.values())), mean_ci(list(b.values())), mean_ci(paired),
+    return _compared(claim, str(split), *sides, room)
+
+
+def _evaluate_curve_claim(claim: ClaimSpec, runs: list, matches) -> ClaimResult:
+    """A training-dynamics claim: both sides trained runs, each run's curve over the same final steps."""
+    for name, side in (("a", claim.a), ("b", claim.b)):
+        if side.who != "student_after":
+            raise ConfigError(f"report.claims.{name}.who", f"got {side.who} for the training curve {claim.metric}; "
+                              "only trained runs (student_after) have one")
+    a, b = (curve_by_seed([r for r in runs if matches(r, side.where)], claim.metric, claim.window)
+            for side in (claim.a, claim.b))
+    return _compared(claim, f"last {claim.window:.0%} of steps", a, b, math.nan)
+
+
+def _compared(claim: ClaimSpec, split: str, a: dict, b: dict, room: float) -> ClaimResult:
+    """The claim's numbers from each side's replicate -> value: the paired differences and their tests."""
+    paired = [a[s] - b[s] for s in a if s in b]
+    return ClaimResult(claim, split, mean_ci(list(a.values())), mean_ci(list(b.values())), mean_ci(paired),
                        p=paired_t_p(paired), p_equiv=tost_p(paired, claim.margin) if claim.expect == "similar"
                        else math.nan, mde=min_detectable_effect(paired), room=room)
 
 
-def _pct(stat: Stat, ci: bool = False) -> str:
+def _shown(stat: Stat, scale: float, ci: bool = False) -> str:
+    """A side or a difference in the claim's printed units (x 100 for accuracies)."""
     if stat.n == 0:
         return "–"
-    text = f"{stat.mean * 100:.1f}"
+    digits = (lambda v: f"{v * scale:.1f}") if scale != 1.0 else (lambda v: f"{v:.3g}")
+    text = digits(stat.mean)
     if ci and stat.n > 1:
-        text += f" [{stat.lo * 100:.1f}, {stat.hi * 100:.1f}]"
+        text += f" [{digits(stat.lo)}, {digits(stat.hi)}]"
     return text
 
 
@@ -181,15 +256,17 @@ def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
              "with power 0.8; teacher lead: the teacher's score minus the student's before distillation on the "
              "split, the room distillation has (a claim whose MDE exceeds it is untestable at this scale) "
              "(opd_exp/report/claims.py).", "",
+             "Training-dynamics claims (metric `train/...`) read each run's curve over its last steps, in the "
+             "curve's own units (tokens, nats, a fraction), not points.", "",
              "| claim | paper | group | split | a | b | a - b [95% CI] | n | p | Holm p | MDE / margin | teacher lead "
              "| verdict |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, r in results:
-        bound = (f"+-{r.spec.margin * 100:g} (MDE {r.mde * 100:.1f})" if r.spec.expect == "similar"
-                 else f"{r.mde * 100:.1f}") if not math.isnan(r.mde) else "–"
-        lines.append(f"| {r.spec.claim} | {r.spec.paper} | {group or 'all'} | {r.split} | {_pct(r.a)} | "
-                     f"{_pct(r.b)} | {_pct(r.diff, ci=True)} | {r.diff.n} | {_p(r.test_p)} | {_p(r.p_holm)} | "
-                     f"{bound} | {'–' if math.isnan(r.room) else f'{r.room * 100:.1f}'} | {r.verdict} |")
+        bound = (f"+-{r.spec.margin * r.scale:g} (MDE {r.number(r.mde)})" if r.spec.expect == "similar"
+                 else r.number(r.mde)) if not math.isnan(r.mde) else "–"
+        lines.append(f"| {r.spec.claim} | {r.spec.paper} | {group or 'all'} | {r.split} | {_shown(r.a, r.scale)} | "
+                     f"{_shown(r.b, r.scale)} | {_shown(r.diff, r.scale, ci=True)} | {r.diff.n} | {_p(r.test_p)} | "
+                     f"{_p(r.p_holm)} | {bound} | {'–' if math.isnan(r.room) else r.number(r.room)} | {r.verdict} |")
     counts = defaultdict(int)
     for _, r in results:
         counts[r.verdict.split(" (")[0].split(":")[0]] += 1

@@ -159,7 +159,11 @@ def render_readme(sections: list, failed: list[dict], report_s: float) -> str:
     parts.append(f"- This report: {report_s:.0f} s. Machine: {os.cpu_count()} CPU cores, load average "
                  f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) when it was written; the cells "
                  f"ran as {launcher} with 1 torch thread each.\n")
-    parts.append("## Verdicts (95% t-intervals over seeds; each test uses one number per seed)\n")
+    parts.append("## Verdicts\n\nEach test uses one number per seed (95% t-intervals over seeds). p: the paired t-test "
+                 "of a zero mean (a claim that must hold at every coupling or gamma: the largest part's p), "
+                 "Holm-adjusted over the sweep's claims; MDE: the smallest effect the seeds detect (power 0.8); "
+                 "a claim about a size also gets two one-sided tests within its margin. Verdicts read the Holm p: "
+                 "reproduces / opposite (significant) / equivalent (within the margin) / not significant (MDE).\n")
     for name, _, verdicts, extra in sections:
         parts.append(f"### {name}\n")
         rows = [{k: v for k, v in row.items() if k != "note"} for row in verdicts]
@@ -178,11 +182,9 @@ def render_readme(sections: list, failed: list[dict], report_s: float) -> str:
 
 
 def plain_statements(verdicts: list[dict]) -> str:
-    """One sentence per claim, saying plainly when a direction does not reproduce."""
-    words = {"holds": "Reproduces", "not significant": "Does NOT reproduce (no significant direction)",
-             "reversed": "Does NOT reproduce (the opposite direction is significant)"}
-    lines = [f"- {words.get(v['verdict'], 'Does NOT reproduce')}: {v['claim']} ({v['verdict']})."
-             + (f" Note: {v['note']}." if v.get("note") else "") for v in verdicts]
+    """One sentence per claim: its verdict first, then the note."""
+    lines = [f"- {v['claim']}: **{v['verdict']}**." + (f" Note: {v['note']}." if v.get("note") else "")
+             for v in verdicts]
     return "\n".join(lines) + "\n"
 
 

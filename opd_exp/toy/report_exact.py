@@ -18,7 +18,7 @@ import pandas as pd  # noqa: E402
 
 from opd_exp.rundir import read_json  # noqa: E402
 from opd_exp.toy.exact import growth_exponent  # noqa: E402
-from opd_exp.toy.stats import Interval, ci95, direction, slope, to_markdown  # noqa: E402
+from opd_exp.toy.stats import ClaimTest, Interval, ci95, judge, slope, to_markdown  # noqa: E402
 
 BOUND = {0.0: "O(T^2)", 1.0: "O(T^4)"}  # the paper's worst-case bounds on E||g||^2
 
@@ -171,56 +171,57 @@ def plot_lines(agg: pd.DataFrame, x: str, key: str, group: str, ylabel: str, tit
 
 # --------------------------------------------------------------------------------------------- verdicts
 def verdicts(df: pd.DataFrame, exps: pd.DataFrame, t_ref: int) -> list[dict]:
-    """Directions tested on one number per seed; 'holds' needs the 95% CI to exclude 0 at every coupling."""
-    out = []
+    """Directions tested on one number per seed, each claim at every coupling (or gamma) at once (the largest
+    part's p), Holm-adjusted over the study's claims; verdicts from the claims' vocabulary."""
+    rows, tests = [], []
     at = df[df["T"] == t_ref]
     per_k = {}
     for coupling, g in at.groupby("coupling"):
         table = g.pivot(index="seed", columns="gamma", values="var_mc")
-        per_k[coupling] = ci95([slope(table.columns, np.log10(row.values)) for _, row in table.iterrows()])
-    out.append(_verdict("the variance grows with gamma", "larger gamma (stronger future-reward coupling) raises "
-                        "the gradient variance", f"per-seed slope of log10 tr Cov vs gamma at T={t_ref}", per_k))
+        per_k[coupling] = [slope(table.columns, np.log10(row.values)) for _, row in table.iterrows()]
+    _add(rows, tests, "the variance grows with gamma", "larger gamma (stronger future-reward coupling) raises the "
+         "gradient variance", f"per-seed slope of log10 tr Cov vs gamma at T={t_ref}", per_k, "kappa")
     gmin, gmax = exps["gamma"].min(), exps["gamma"].max()
     per_k = {}
     for coupling, g in exps.groupby("coupling"):
         table = g.pivot(index="seed", columns="gamma", values="var_exponent")
-        per_k[coupling] = ci95((table[gmax] - table[gmin]).values)
-    out.append(_verdict(f"the variance grows faster in T for gamma={gmax:g} than for gamma={gmin:g}",
-                        "E||g_0||^2 = O(T^2) vs E||g_1||^2 = O(T^4) (worst-case bounds)",
-                        f"per-seed exponent gap b(gamma={gmax:g}) - b(gamma={gmin:g})", per_k))
-    per_g = {gamma: ci95(g["var_exponent"]) for gamma, g in exps.groupby("gamma")}
-    out.append({"claim": "the variance grows with T", "paper": "bounds grow as T^2 (gamma = 0) and T^4 (gamma = 1)",
-                "measure": "fitted exponent b of tr Cov ~ T^b (all couplings and seeds)",
-                "result": "; ".join(f"gamma={g:g}: {iv.fmt()}" for g, iv in per_g.items()),
-                "verdict": "holds" if all(direction(iv) == "holds" for iv in per_g.values()) else "not everywhere"})
+        per_k[coupling] = list((table[gmax] - table[gmin]).values)
+    _add(rows, tests, f"the variance grows faster in T for gamma={gmax:g} than for gamma={gmin:g}",
+         "E||g_0||^2 = O(T^2) vs E||g_1||^2 = O(T^4) (worst-case bounds)",
+         f"per-seed exponent gap b(gamma={gmax:g}) - b(gamma={gmin:g})", per_k, "kappa")
+    per_g = {gamma: list(g["var_exponent"]) for gamma, g in exps.groupby("gamma")}
+    _add(rows, tests, "the variance grows with T", "bounds grow as T^2 (gamma = 0) and T^4 (gamma = 1)",
+         "fitted exponent b of tr Cov ~ T^b (all couplings and seeds)", per_g, "gamma")
     g0 = at[at["gamma"] == at["gamma"].min()]
     for key, what in (("bias_exact", "||E g_0 - grad J_seq||"),
                       ("rel_bias_exact", "||E g_0 - grad J_seq|| / ||grad J_seq||")):
-        out.append(bias_verdict(g0, key, what, t_ref))
-    return out
+        row, test = bias_claim(g0, key, what, t_ref)
+        rows.append(row)
+        tests.append(test)
+    return judge(rows, tests)
 
 
-def bias_verdict(g0: pd.DataFrame, key: str, what: str, t_ref: int) -> dict:
+def bias_claim(g0: pd.DataFrame, key: str, what: str, t_ref: int) -> tuple[dict, ClaimTest]:
     """Token-level bias against the coupling: per-seed slope, means per kappa, seeds where it never decreases."""
     table = g0.pivot(index="seed", columns="coupling", values=key)
-    slopes = ci95([slope(table.columns, row.values) for _, row in table.iterrows()])
+    slopes = [slope(table.columns, row.values) for _, row in table.iterrows()]
     monotone = int(sum(bool(np.all(np.diff(row.values) >= -1e-12)) for _, row in table.iterrows()))
     means = "; ".join(f"kappa={k:g}: {ci95(table[k]).fmt()}" for k in table.columns)
     kind = "relative" if key.startswith("rel") else "absolute"
-    return {"claim": f"the token-level (gamma = 0) bias grows with the coupling ({kind})",
-            "paper": "bias = E[sum_t sum_{t'>t} r_t' s_t], the dropped future-reward coupling",
-            "measure": f"{what} at T={t_ref}: per-seed slope vs kappa; means per kappa; seeds non-decreasing in kappa",
-            "result": f"slope {slopes.fmt()}; {means}; non-decreasing on {monotone}/{len(table)} seeds",
-            "verdict": direction(slopes)}
+    return ({"claim": f"the token-level (gamma = 0) bias grows with the coupling ({kind})",
+             "paper": "bias = E[sum_t sum_{t'>t} r_t' s_t], the dropped future-reward coupling",
+             "measure": f"{what} at T={t_ref}: per-seed slope vs kappa; means per kappa; seeds non-decreasing in "
+                        f"kappa",
+             "result": f"slope {ci95(slopes).fmt()}; {means}; non-decreasing on {monotone}/{len(table)} seeds"},
+            ClaimTest(parts=(tuple(slopes),)))
 
 
-def _verdict(claim: str, paper: str, measure: str, per_coupling: dict) -> dict:
-    states = [direction(iv) for iv in per_coupling.values()]
-    verdict = "holds" if all(s == "holds" for s in states) else (
-        "reversed" if all(s == "reversed" for s in states) else "mixed: " + ", ".join(
-            f"kappa={k:g} {s}" for k, s in zip(per_coupling, states, strict=False)))
-    return {"claim": claim, "paper": paper, "measure": measure,
-            "result": "; ".join(f"kappa={k:g}: {iv.fmt()}" for k, iv in per_coupling.items()), "verdict": verdict}
+def _add(rows: list[dict], tests: list[ClaimTest], claim: str, paper: str, measure: str,
+         per_part: dict[float, list[float]], part: str) -> None:
+    """One claim that must hold at every part (coupling or gamma): its row and its intersection-union test."""
+    rows.append({"claim": claim, "paper": paper, "measure": measure,
+                 "result": "; ".join(f"{part}={k:g}: {ci95(v).fmt()}" for k, v in per_part.items())})
+    tests.append(ClaimTest(parts=tuple(tuple(v) for v in per_part.values())))
 
 
 def checks(df: pd.DataFrame) -> dict[str, float]:

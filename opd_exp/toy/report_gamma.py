@@ -17,7 +17,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from opd_exp.rundir import read_metrics  # noqa: E402
-from opd_exp.toy.stats import ci95, direction, slope, to_markdown  # noqa: E402
+from opd_exp.toy.gamma import ToyGammaConfig  # noqa: E402
+from opd_exp.toy.stats import ClaimTest, ci95, judge, slope, to_markdown  # noqa: E402
 
 
 def load(runs: list[dict]) -> pd.DataFrame:
@@ -53,43 +54,46 @@ def per_seed(df: pd.DataFrame, key: str) -> pd.DataFrame:
     return df.pivot(index="seed", columns="gamma", values=key)
 
 
-def verdicts(df: pd.DataFrame) -> list[dict]:
-    """The paper's toy directions, each tested on one number per seed (slope across gammas, paired gap)."""
-    out, key_var = [], "grad_var/log10_mean"
-    for key, what, claim, paper in [
+def verdicts(df: pd.DataFrame, success_radius: float) -> list[dict]:
+    """The paper's toy claims, each tested on one number per seed (slope across gammas, paired gap), with a
+    verdict from the claims' vocabulary; the drift claims are about a size, so they also get an equivalence test
+    within the goal radius (the final distance) or half the seeds (reaching both goals)."""
+    rows, tests, key_var = [], [], "grad_var/log10_mean"
+    for key, what, claim, paper, margin in [
         ("grad_var/log10_mean", "log10 gradient-variance proxy (mean over iterations)",
          "the gradient variance grows with gamma",
-         "gamma 0.75 and 1 are one to several orders of magnitude (log10 units) above gamma 0"),
+         "gamma 0.75 and 1 are one to several orders of magnitude (log10 units) above gamma 0", None),
         ("final/dist_to_goal", "final distance to goal", "learning is less stable at large gamma (final distance)",
-         "gamma = 1 drifts and never reaches the goals"),
+         "gamma = 1 drifts and never reaches the goals", success_radius),
         ("final/kl_to_teacher", "final KL to teacher", "larger gamma ends farther from the teacher (final KL)",
-         "(implied by the drift)"),
+         "(implied by the drift)", None),
     ]:
         table = per_seed(df, key)
         gammas = np.asarray(table.columns, dtype=float)
-        slopes = ci95([slope(gammas, row.values) for _, row in table.iterrows()])
-        gap = ci95((table[gammas.max()] - table[gammas.min()]).values)
+        slopes = [slope(gammas, row.values) for _, row in table.iterrows()]
+        gaps = (table[gammas.max()] - table[gammas.min()]).values
         base = float(table[gammas.min()].mean())
-        relative = "" if key.startswith("grad_var") else f" ({gap.mean / base:+.0%} of gamma={gammas.min():g}'s mean)"
-        out.append({"claim": claim, "paper": paper, "measure": what, "per-seed slope vs gamma": slopes.fmt(),
-                    "gap (largest - smallest gamma)": gap.fmt() + relative, "verdict": direction(slopes)})
-    both = df.assign(both=df.apply(reached_both, axis=1)).groupby("gamma")["both"].agg(["sum", "count"])
-    lo, hi = both.index.min(), both.index.max()
+        relative = ("" if key.startswith("grad_var")
+                    else f" ({ci95(gaps).mean / base:+.0%} of gamma={gammas.min():g}'s mean)")
+        rows.append({"claim": claim, "paper": paper, "measure": what, "per-seed slope vs gamma": ci95(slopes).fmt(),
+                     "gap (largest - smallest gamma)": ci95(gaps).fmt() + relative})
+        tests.append(ClaimTest(parts=(tuple(slopes),), margin=margin, equiv=tuple(gaps)))
+    both = df.assign(both=df.apply(reached_both, axis=1))
+    reached = both.pivot(index="seed", columns="gamma", values="both").astype(float)
+    lo, hi = reached.columns.min(), reached.columns.max()
     log_var = per_seed(df, key_var)
-    out[0]["note"] = f"orders of magnitude above gamma={lo:g} (log10 proxy, mean over iterations): " + ", ".join(
+    rows[0]["note"] = f"orders of magnitude above gamma={lo:g} (log10 proxy, mean over iterations): " + ", ".join(
         f"gamma={g:g}: {ci95((log_var[g] - log_var[lo]).values).fmt()}" for g in log_var.columns if g != lo)
-    if bool((both["sum"] == both["count"]).all()):
-        out[1]["note"] = ("every gamma reaches both goals on every seed: the direction is significant but the "
-                          "effect is small, and the paper's drift at large gamma does not reproduce")
-    out.append({"claim": "gamma = 0 reaches both goals on every seed, gamma = 1 on none (visitation)",
-                "paper": "gamma = 0 reaches both goals on every seed, gamma = 1 never does",
-                "measure": "seeds reaching both goals (success >= 0.5 on each task)",
-                "per-seed slope vs gamma": "; ".join(f"gamma={g:g}: {int(r['sum'])}/{int(r['count'])}"
-                                                     for g, r in both.iterrows()),
-                "gap (largest - smallest gamma)": f"{int(both.loc[hi, 'sum']) - int(both.loc[lo, 'sum'])} seeds",
-                "verdict": "holds" if both.loc[lo, "sum"] == both.loc[lo, "count"] and both.loc[hi, "sum"] == 0
-                else "does not reproduce"})
-    return out
+    fewer = (reached[lo] - reached[hi]).values  # +1 on a seed where gamma=lo reaches both goals and gamma=hi not
+    rows.append({"claim": f"gamma = {lo:g} reaches both goals on every seed, gamma = {hi:g} on none (visitation)",
+                 "paper": "gamma = 0 reaches both goals on every seed, gamma = 1 never does",
+                 "measure": "seeds reaching both goals (success >= 0.5 on each task)",
+                 "per-seed slope vs gamma": "; ".join(f"gamma={g:g}: {int(reached[g].sum())}/{int(reached[g].count())}"
+                                                      for g in reached.columns),
+                 "gap (largest - smallest gamma)": f"{-int(fewer.sum())} seeds"})
+    tests.append(ClaimTest(parts=(tuple(fewer),), margin=0.5, equiv=tuple(fewer)))
+    return judge(rows, tests, ["", f" (the goal radius), on the gap gamma={hi:g} - gamma={lo:g}", "",
+                               " of a seed, on the per-seed difference in reaching both goals"])
 
 
 # --------------------------------------------------------------------------------------------- figures
@@ -190,4 +194,5 @@ def write(runs: list[dict], out_dir: Path) -> tuple[pd.DataFrame, list[dict]]:
     plot_visitation(df, out_dir / "gamma_visitation.png", "final")
     plot_visitation(df, out_dir / "gamma_visitation_train.png", "train")
     plot_visitation_seeds(df, out_dir / "gamma_visitation_seeds.png")
-    return df, verdicts(df)
+    radius = float(runs[0]["toy"].get("success_radius", ToyGammaConfig.success_radius))
+    return df, verdicts(df, radius)
