@@ -25,7 +25,7 @@ import yaml
 
 from opd_exp.report import cli as report
 from opd_exp.report import failure as failure_report
-from opd_exp.report import failure_verdicts
+from opd_exp.report import failure_verdicts, stats
 from opd_exp.report import runs as runs_mod
 from opd_exp.report.stats import Stat
 
@@ -205,13 +205,26 @@ def test_mode2_without_loops_is_untestable_not_refuted(sweep, tmp_path, monkeypa
     """Where mode 2's test does not reproduce, a pair none of whose responses loops (tiny) is untestable, not
     refuted; a pair whose responses loop (tiny_mismatch) keeps the test's verdict."""
     runs = [runs_mod.load_run(p) for p in runs_mod.find_run_dirs([str(sweep)])]
-    monkeypatch.setattr(failure_verdicts, "decide", lambda s, passes, fails: "not significant (MDE 1)")
+    monkeypatch.setattr(failure_verdicts, "decide", lambda test, p_holm: "not significant (MDE 1)")
     md = "\n".join(failure_report.write_failure_report(runs, tmp_path / "out"))
     assert "Mode 2, unreliable guidance on student prefixes (tiny)**: untestable at this scale: no response" in md
     assert "Mode 2, unreliable guidance on student prefixes (tiny_mismatch)**: not significant (MDE 1)" in md
     monkeypatch.undo()
-    assert failure_verdicts.decide(Stat(0.0, -0.1, 0.1, 3), False, False).startswith("not significant (MDE ")
-    assert failure_verdicts.decide(Stat(0.3, 0.2, 0.4, 3), False, True) == "opposite (significant)"
+    assert "Mode 2, unreliable guidance on student prefixes (tiny_mismatch)**: not significant (MDE 1) (p " in md
+
+
+def test_a_rule_is_a_one_sample_t_test_against_its_threshold_read_through_holm():
+    """p from the stat's interval (the t-test of the seeds' mean against the threshold); the verdict from the
+    adjusted p, on the paper's side or the other."""
+    rule = failure_verdicts.RuleTest
+    above = rule(Stat(0.7, 0.6, 0.8, 3), 0.5, +1)  # t = 0.2 / (0.1 / 4.303) = 8.6, 2 dof
+    assert above.p == pytest.approx(stats.paired_t_p([0.2 + d for d in (-0.1 / 4.303 * math.sqrt(3), 0.0,
+                                                                        0.1 / 4.303 * math.sqrt(3))]), rel=1e-3)
+    assert failure_verdicts.decide(above, above.p) == "reproduces"
+    assert failure_verdicts.decide(above, 0.06).startswith("not significant (MDE ")  # Holm can take it away
+    assert failure_verdicts.decide(rule(Stat(0.3, 0.2, 0.4, 3), 0.5, +1), 0.01) == "opposite (significant)"
+    assert failure_verdicts.decide(rule(Stat(0.0, -0.1, 0.1, 3), 0.0, -1), 1.0).startswith("not significant (MDE ")
+    assert failure_verdicts.decide(rule(Stat(0.3, 0.3, 0.3, 1), 0.5, +1), math.nan) == "not enough seeds (n = 1)"
 
 
 def test_one_seed_is_undetermined(tmp_path):

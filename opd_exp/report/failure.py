@@ -11,20 +11,22 @@ Cells are (pair, estimator, rollout top-p, mask), read from each run's resolved 
 replicates. Every number is a mean over seeds with a 95% t-interval (opd_exp.stats.mean_ci); comparisons
 between cells pair runs by seed; the rules below are applied in :mod:`opd_exp.report.failure_verdicts`. A
 verdict needs two seeds or more (else "not enough seeds"); verdicts use the claims' vocabulary
-(opd_exp/report/claims.py). Mode 2 is untestable on a pair none of whose responses loops;
+(opd_exp/report/claims.py). Each mode's rule is a one-sample t-test of the seeds' mean against its threshold
+("above 0.5" below: significantly above, two-sided 0.05), Holm-adjusted over the report's rules (controls left
+out). Mode 2 is untestable on a pair none of whose responses loops;
 mode 3 is a control on a pair whose teacher and student share one convention. The rules are fixed
 here, before any run was read, and never tuned to the outcome:
 
 - mode 1 (Fig. 2) reproduces on a pair when, in the baseline cell (sampled_token, top-p 1, no mask) at the first
-  step, the share of sampled tokens below the diagonal (teacher prob < student prob) has a CI above 0.5. The fix
+  step, the share of sampled tokens below the diagonal (teacher prob < student prob) is above 0.5. The fix
   (topk_rkl) does not train on that one-token reward, so it removes it by construction; the shares on its
   rollouts are reported, not judged.
 - mode 2 (Figs. 3-4) reproduces when, in the baseline cell at the last step, p10 of the teacher - student gap of
   the sampled token (special tokens left out, so mode 3 does not pose as mode 2) is lower in the last quarter
-  of the responses than in the first: the per-seed difference has a CI below 0. The fix removes it when the
+  of the responses than in the first: the per-seed difference is below 0. The fix removes it when the
   same test fails on its cell (topk_rkl, top-p < 1, masked); the paired difference is given either way.
 - mode 3 (Fig. 5) reproduces on a pair when, at the first step, the teacher - student log-prob gap on the
-  pair's special tokens (``model.special_tokens``) has a CI below -5 nats
+  pair's special tokens (``model.special_tokens``) is below -5 nats
   (:data:`~opd_exp.report.failure_verdicts.MISMATCH_NATS`). Its harm is a student that stops writing its own
   end token: masking removes it when, per estimator, the last-step share of truncated responses drops with the
   mask (paired CI above 0) to no more than on the other pair (CIs overlap).

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from opd_exp.report.failure_cells import Cell, find_loop, fmt, metric_at, paired, seed_stat
 from opd_exp.report.runs import Run
-from opd_exp.report.stats import Stat, t_quantile
+from opd_exp.report.stats import Stat, holm, t_cdf, t_quantile
 
 MISMATCH_NATS = 5.0  # a special-token gap beyond this is a convention mismatch (audit.format_side_by_side flags it)
 
@@ -15,19 +18,47 @@ def pick(per: dict, pair: str, want, which: str) -> dict:
     return next((v for (c, w), v in per.items() if c.pair == pair and w == which and want(c)), {})
 
 
-def decide(s: Stat, passes: bool, fails: bool) -> str:
-    """The verdict, in the claims' vocabulary (opd_exp/report/claims.py): ``passes`` when the interval lies
-    beyond the rule's threshold on the paper's side, ``fails`` when on the other side; else not significant,
-    with the MDE of the seeds' spread (power 0.8, alpha 0.05). A test needs at least two seeds."""
-    if s.n < 2:
-        return "not enough seeds (n = 1)"
-    if passes:
-        return "reproduces"
-    if fails:
-        return "opposite (significant)"
-    half = (s.hi - s.lo) / 2
-    mde = (t_quantile(0.975, s.n - 1) + t_quantile(0.8, s.n - 1)) * half / t_quantile(0.975, s.n - 1)
-    return f"not significant (MDE {mde:.2g} from the threshold)"
+@dataclass(frozen=True)
+class RuleTest:
+    """A failure mode's rule: the seeds' mean against ``threshold``; the paper's side is above it (``side``
+    +1) or below it (-1)."""
+
+    stat: Stat
+    threshold: float
+    side: int
+
+    @property
+    def p(self) -> float:
+        """Two-sided one-sample t-test of mean = threshold, from the stat's 95% t-interval (n - 1 dof); NaN with
+        fewer than 2 seeds."""
+        s = self.stat
+        if s.n < 2:
+            return math.nan
+        se = (s.hi - s.mean) / t_quantile(0.975, s.n - 1)
+        if se == 0:
+            return 0.0 if s.mean != self.threshold else 1.0
+        return 2 * (1 - t_cdf(abs(s.mean - self.threshold) / se, s.n - 1))
+
+    @property
+    def mde(self) -> float:
+        """The distance from the threshold the seeds detect with power 0.8 (alpha 0.05)."""
+        n = self.stat.n
+        return (t_quantile(0.975, n - 1) + t_quantile(0.8, n - 1)) * (self.stat.hi - self.stat.mean) / t_quantile(
+            0.975, n - 1)
+
+
+def decide(test: RuleTest, p_holm: float, alpha: float = 0.05) -> str:
+    """The verdict, in the claims' vocabulary (opd_exp/report/claims.py), from the Holm-adjusted p of the rule's
+    test: reproduces / opposite (significant) / not significant (with the MDE). A test needs two seeds."""
+    if test.stat.n < 2:
+        return f"not enough seeds (n = {test.stat.n})"
+    if p_holm < alpha:
+        return "reproduces" if (test.stat.mean - test.threshold) * test.side > 0 else "opposite (significant)"
+    return f"not significant (MDE {test.mde:.2g} from the threshold)"
+
+
+def p_text(test: RuleTest, p_holm: float) -> str:
+    return "" if math.isnan(test.p) else f" (p {test.p:.2g}, Holm {p_holm:.2g} over this report's rules)"
 
 
 def responses_loop(cells: dict[Cell, list[Run]], m2_rows: list[dict], pair: str) -> bool:
@@ -85,16 +116,24 @@ def verdict_lines(pairs: list[str], cells: dict[Cell, list[Run]], m1: dict, m2: 
     base = lambda c: c.is_baseline  # noqa: E731
     trunc = truncation(cells)
     lines = ["## Verdicts", "", "Rules (fixed in opd_exp/report/failure.py before the runs were read): mean over "
-             "seeds [95% t-interval] (n seeds); verdicts in the claims' vocabulary (reproduces / opposite / "
-             "not significant, with the MDE / untestable at this scale / control); \"fix\" = topk_rkl on top-p "
-             "0.9 rollouts with special-token "
+             "seeds [95% t-interval] (n seeds); each rule is a one-sample t-test of the seeds' mean against its "
+             "threshold, Holm-adjusted over this report's rules (the controls left out), and its verdict reads "
+             "the adjusted p, in the claims' vocabulary (reproduces / opposite / not significant, with the MDE / "
+             "untestable at this scale / control); \"fix\" = topk_rkl on top-p 0.9 rollouts with special-token "
              "masking; differences are paired by seed.", ""]
+    tests = {}  # (mode, pair) -> its rule's test; Holm-adjusted as one family (controls left out)
     for pair in pairs:
-        s = seed_stat(pick(m1, pair, base, "first"))
-        lines.append(f"- **Mode 1, imbalanced one-token signal ({pair})**: {decide(s, s.lo > 0.5, s.hi < 0.5)}. "
-                     "At the first "
+        tests[1, pair] = RuleTest(seed_stat(pick(m1, pair, base, "first")), 0.5, +1)
+        tests[2, pair] = RuleTest(seed_stat(pick(m2, pair, base, "last")), 0.0, -1)
+        if not conventions_match(cells, pair):
+            tests[3, pair] = RuleTest(seed_stat(pick(m3, pair, base, "first")), -MISMATCH_NATS, -1)
+    adjusted = dict(zip(tests, holm([t.p for t in tests.values()]), strict=True))
+    for pair in pairs:
+        s = tests[1, pair].stat
+        lines.append(f"- **Mode 1, imbalanced one-token signal ({pair})**: {decide(tests[1, pair], adjusted[1, pair])}"
+                     f"{p_text(tests[1, pair], adjusted[1, pair])}. At the first "
                      f"step {fmt(s)} of the sampled tokens lie below the diagonal (teacher prob < student prob: "
-                     "a negative reward; the rule needs a CI above 0.5; the table gives the share above, the "
+                     "a negative reward; the rule needs a mean above 0.5; the table gives the share above, the "
                      "rest are exact ties). At the last step: baseline "
                      f"{fmt(seed_stat(pick(m1, pair, base, 'last')))}, fix "
                      f"{fmt(seed_stat(pick(m1, pair, fix, 'last')))}. The fix does not train on the one-token "
@@ -111,24 +150,26 @@ def verdict_lines(pairs: list[str], cells: dict[Cell, list[Run]], m1: dict, m2: 
         removed = ("" if not (sb.n > 1 and sb.hi < 0) else
                    f" The fix {'removes' if not (sf.n > 1 and sf.hi < 0) else 'does NOT remove'} it (paired fix "
                    f"- baseline {fmt(paired(f, b))}).")
-        verdict2 = decide(sb, sb.hi < 0, sb.lo > 0)
+        verdict2 = decide(tests[2, pair], adjusted[2, pair])
         if verdict2 != "reproduces" and not responses_loop(cells, m2_rows, pair):
             verdict2 = ("untestable at this scale: no response of this pair loops (the paper's drift needs "
                         f"responses that run on), so a gap that does not widen refutes nothing ({verdict2})")
-        lines.append(f"- **Mode 2, unreliable guidance on student prefixes ({pair})**: {verdict2}. "
+        lines.append(f"- **Mode 2, unreliable guidance on student prefixes ({pair})**: {verdict2}"
+                     f"{p_text(tests[2, pair], adjusted[2, pair])}. "
                      "At the last step, p10 of the teacher - student gap in the last quarter of the responses "
                      f"minus the first quarter (special tokens left out) is {fmt(sb)} nats for the baseline (the "
-                     f"rule needs a CI below 0) and {fmt(sf)} for the fix.{removed}{loops}")
-        s3 = seed_stat(pick(m3, pair, base, "first"))
-        if conventions_match(cells, pair):
+                     f"rule needs a mean below 0) and {fmt(sf)} for the fix.{removed}{loops}")
+        if (3, pair) not in tests:
+            s3 = seed_stat(pick(m3, pair, base, "first"))
             lines.append(f"- **Mode 3, special-token mismatch ({pair})**: control (teacher and student share "
                          f"one convention by construction): the gap on the special tokens is {fmt(s3, 2)} nats; "
                          "the masked cells of this pair are the mismatched pairs' control below.")
             continue
-        verdict = decide(s3, s3.hi < -MISMATCH_NATS, s3.lo > -MISMATCH_NATS)
-        text = (f"- **Mode 3, special-token mismatch ({pair})**: {verdict}. At the first step the teacher - "
-                f"student log-prob gap on the pair's special tokens is {fmt(s3, 2)} nats (the rule needs a CI "
-                f"below -{MISMATCH_NATS:g}).")
+        s3 = tests[3, pair].stat
+        verdict = decide(tests[3, pair], adjusted[3, pair])
+        text = (f"- **Mode 3, special-token mismatch ({pair})**: {verdict}{p_text(tests[3, pair], adjusted[3, pair])}. "
+                f"At the first step the teacher - student log-prob gap on the pair's special tokens is {fmt(s3, 2)} "
+                f"nats (the rule needs a mean below -{MISMATCH_NATS:g}).")
         if verdict != "reproduces":
             lines.append(text + " Nothing for the mask to remove on this pair.")
             continue
