@@ -8,8 +8,9 @@ Usage:
 For a claim measured on n seeds with paired-difference interval [lo, hi], the paired sd is
 (hi - lo) / 2 / t_{0.975, n-1} * sqrt(n); the MDE with n' seeds is (t_{1-a/2, n'-1} + t_{0.8, n'-1}) sd / sqrt(n')
 (power 0.8). It reports n' for a = 0.05 and for a = 0.05 / m (m: the claims of that report; Holm's first
-step, the strictest), capped at --max-seeds. A spread measured on few seeds is itself uncertain: the plan is
-a starting point, to be checked when the new seeds come in. Writes a Markdown table (stdout, and --out).
+step, the strictest), capped at --max-seeds. Training-dynamics claims (metric train/..., in the curve's
+own units) are left out: the target is in points of accuracy. A spread measured on few seeds is itself
+uncertain: the plan is a starting point, to be checked when the new seeds come in. Writes a Markdown table (stdout, and --out).
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def plan(paths: list[Path], effect: float, max_seeds: int) -> list[str]:
     lines = [f"| report | claim | group | split | n | sd (pts) | MDE now (pts) | seeds for MDE <= {effect * 100:g} "
              "pts, a = 0.05 | ... a = 0.05 / m (Holm's strictest step) |", "|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
-        rows = [r for r in csv.DictReader(path.open()) if r.get("n") and int(float(r["n"])) >= 2]
+        rows = [r for r in csv.DictReader(path.open()) if r.get("n") and int(float(r["n"])) >= 2
+                and not r.get("metric", "").startswith("train/")]  # accuracy claims: the target is in points
         m = max(len(rows), 1)
         for r in rows:
             n = int(float(r["n"]))

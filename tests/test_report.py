@@ -667,6 +667,21 @@ def test_seed_plan_inverts_the_committed_interval():
     assert plan.seeds_needed(sd, 1e-6, 0.05, 10) is None
 
 
+def test_seed_plan_leaves_training_dynamics_claims_out(tmp_path):
+    """Its target is in points of accuracy: a claim on a training curve (tokens, nats) gets no plan."""
+    spec = importlib.util.spec_from_file_location("plan_seeds", REPO / "scripts" / "plan_seeds.py")
+    plan = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan)
+    path = tmp_path / "t3" / "claims.csv"
+    path.parent.mkdir()
+    pd.DataFrame([{"claim": "accuracy", "group": "all", "split": "long", "metric": "avg@4", "n": 3,
+                   "diff_ci_lo": -0.02, "diff_ci_hi": 0.04},
+                  {"claim": "shorter", "group": "all", "split": "last 25% of steps", "metric": "train/response_len",
+                   "n": 3, "diff_ci_lo": -2.0, "diff_ci_hi": 1.0}]).to_csv(path, index=False)
+    rows = plan.plan([path], 0.02, 30)[2:]
+    assert len(rows) == 1 and "| accuracy |" in rows[0]
+
+
 def test_pair_seeds_are_replicates(tmp_path):
     """A sweep over model.bootstrap.seed (independently bootstrapped pairs) x seed: one cell per recipe, whose
     replicates are (pair seed, run seed); the teacher varies with the pair, so its row has an interval over
