@@ -10,7 +10,8 @@ For a claim measured on n seeds with paired-difference interval [lo, hi], the pa
 (power 0.8). It reports n' for a = 0.05 and for a = 0.05 / m (m: the claims of that report; Holm's first
 step, the strictest), capped at --max-seeds. Training-dynamics claims (metric train/..., in the curve's
 own units) are left out: the target is in points of accuracy. A spread measured on few seeds is itself
-uncertain: the plan is a starting point, to be checked when the new seeds come in. Writes a Markdown table (stdout, and --out).
+uncertain: the plan is a starting point, to be checked when the new seeds come in. Writes a Markdown table
+(stdout, and --out).
 """
 
 from __future__ import annotations
