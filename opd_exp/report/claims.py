@@ -247,7 +247,7 @@ def _p(value: float) -> str:
 
 
 def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
-    """The README section: one line per (group, claim), numbers in percent."""
+    """The README section: one line per (group, claim), accuracies in points, training curves in their units."""
     lines = ["## Paper claims at this scale", "",
              "Each row compares two rows of the tables on one split: a - b is the mean paired difference over "
              "seeds with its 95% t-interval (percentage points); p is the paired t-test's (for a `similar` "
@@ -255,12 +255,13 @@ def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
              "this report, and the verdict reads Holm p; MDE: the smallest true difference these seeds detect "
              "with power 0.8; teacher lead: the teacher's score minus the student's before distillation on the "
              "split, the room distillation has (a claim whose MDE exceeds it is untestable at this scale) "
-             "(opd_exp/report/claims.py).", "",
-             "Training-dynamics claims (metric `train/...`) read each run's curve over its last steps, in the "
-             "curve's own units (tokens, nats, a fraction), not points.", "",
-             "| claim | paper | group | split | a | b | a - b [95% CI] | n | p | Holm p | MDE / margin | teacher lead "
-             "| verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(opd_exp/report/claims.py).", ""]
+    if any(is_training(r.spec.metric) for _, r in results):
+        lines += ["Training-dynamics claims (metric `train/...`) read each run's curve over its last steps, in the "
+                  "curve's own units (tokens, nats, a fraction), not points.", ""]
+    lines += ["| claim | paper | group | split | a | b | a - b [95% CI] | n | p | Holm p | MDE / margin | teacher "
+              "lead | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for group, r in results:
         bound = (f"+-{r.spec.margin * r.scale:g} (MDE {r.number(r.mde)})" if r.spec.expect == "similar"
                  else r.number(r.mde)) if not math.isnan(r.mde) else "–"
