@@ -16,16 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opd_exp.report.stats import holm, min_detectable_effect, paired_t_p, tost_p
-
-# two-sided 95% Student-t quantiles t_{0.975, df}, df = 1 .. 30 (beyond: the normal 1.96 is within 2%)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
-
-
-def t975(df: int) -> float:
-    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+from opd_exp.report.stats import holm, min_detectable_effect, paired_t_p, t_quantile, tost_p
 
 
 @dataclass(frozen=True)
@@ -51,7 +42,7 @@ def ci95(values) -> Interval:
     mean = float(x.mean())
     if len(x) < 2:
         return Interval(mean, mean, mean, len(x))
-    half = t975(len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
+    half = t_quantile(0.975, len(x) - 1) * float(x.std(ddof=1)) / math.sqrt(len(x))
     return Interval(mean, mean - half, mean + half, len(x))
 
 
