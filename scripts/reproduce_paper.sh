@@ -65,10 +65,12 @@ else
   EXPERIMENTS=(mismatch_collapse)
   for f in conf/experiment/*.yaml; do
     name="$(basename "$f" .yaml)"
-    case "$name" in lr_tune|mismatch_collapse|multitask|ablation_support_multitask|estimators|estimators_lr_tune) ;;
+    case "$name" in lr_tune|mismatch_collapse|multitask|ablation_support_multitask|pair_seeds|estimators|estimators_lr_tune) ;;
       *) EXPERIMENTS+=("$name") ;; esac
   done
-  EXPERIMENTS+=(multitask ablation_support_multitask estimators)
+  # pair_seeds after the tables (its pair-0 cells are Table 1's, reused), then the estimator comparison: each is a
+  # part of its own, outside the tables' 150-minute budget (README "Paper tables")
+  EXPERIMENTS+=(multitask ablation_support_multitask pair_seeds estimators)
 fi
 if [ "$SCALE" = real ] && [ "$#" -eq 0 ]; then  # the paper's math tables; the paper's lr for every method
   EXPERIMENTS=(math_main ablation_components ablation_support ablation_k_topp failure_modes)
@@ -144,11 +146,16 @@ for name in sys.argv[1:]:
     node = OmegaConf.load(f"conf/experiment/{name}.yaml")
     if str(node.get("runner", "opd")) != "opd":
         continue
-    models = [m.strip() for m in str(OmegaConf.select(node, "hydra.sweeper.params.model") or "").split(",")]
+    params = OmegaConf.select(node, "hydra.sweeper.params") or {}
+    models = [m.strip() for m in str(params.get("model") or "").split(",")]
+    # experiment=pair_seeds: one pair per bootstrap seed
+    pair_seeds = [s.strip() for s in str(params.get("model.bootstrap.seed") or "").split(",")]
     task = next((str(d["override /task"]) for d in node.get("defaults") or []
                  if isinstance(d, dict) and "override /task" in d), "")
     for model in models:
-        seen.setdefault((model, task), f"experiment={name}" + (f" model={model}" if model else ""))
+        for pair_seed in pair_seeds:
+            seen.setdefault((model, task, pair_seed), f"experiment={name}" + (f" model={model}" if model else "")
+                            + (f" model.bootstrap.seed={pair_seed}" if pair_seed else ""))
 print("\n".join(seen.values()))
 PY
 }

@@ -702,3 +702,36 @@ def test_pair_seeds_are_replicates(tmp_path):
     teacher = row(table, "Teacher", "id")
     assert (teacher["n"], teacher["mean"]) == (4, pytest.approx(0.85)) and teacher["ci_lo"] < 0.8
     assert row(table, "Ours w/o mask", "id")["n"] == 4
+
+
+def test_pair_seeds_report_pools_pairs_and_keeps_each_pair_apart(tmp_path):
+    """experiment=pair_seeds: the pooled claims pair over every (pair seed, run seed); a row or claim whose
+    `where` names a pair seed reads that pair alone, Student rows included (each pair has its own student)."""
+    sweep = tmp_path / "multirun" / "pair_seeds"
+    for pair_seed in (0, 1, 2):
+        for seed in (0, 1):
+            for recipe, gain in (("baseline", 0.0), ("ours", 0.1 if pair_seed < 2 else -0.1)):
+                ov = [f"recipe={recipe}", "mask.enabled=False", "model=tiny", f"model.bootstrap.seed={pair_seed}",
+                      f"seed={seed}", "experiment=pair_seeds"]
+                cfg = base_config("pair_seeds", seed, **{"model.bootstrap.seed": pair_seed, "mask.enabled": False})
+                make_run(sweep, ov, cfg, results=results_for(0.4 + gain + 0.02 * seed + 0.03 * pair_seed,
+                                                             before=0.1 * (pair_seed + 1)))
+    out = tmp_path / "out"
+    assert main([str(sweep), "--out", str(out)]) == 0
+    pairs = pd.read_csv(out / "pairs.csv")
+    for pair_seed in (0, 1, 2):
+        student = row(pairs, f"Student, pair {pair_seed}", "id")
+        # one pair's student is one evaluation: the row shows it with its interval over prompts (results_for)
+        assert (student["mean"], student["ci_lo"]) == (pytest.approx(0.1 * (pair_seed + 1)),
+                                                       pytest.approx(0.1 * (pair_seed + 1) - 0.05))
+        assert row(pairs, f"Ours w/o mask, pair {pair_seed}", "id")["n"] == 2
+    assert row(pd.read_csv(out / "main.csv"), "Student", "id")["n"] == 6
+    claims = pd.read_csv(out / "claims.csv").set_index("claim")
+    on_avg = (1 + 1 + 0.5) / 3  # the claims read the split average; `wide` scores half (results_for)
+    pooled = claims.loc["Ours w/o mask beats sampled-token OPD"]
+    assert pooled["n"] == 6 and pooled["diff_mean"] == pytest.approx(0.1 / 3 * on_avg)
+    for pair_seed, gain in ((0, 0.1), (1, 0.1), (2, -0.1)):
+        one = claims.loc[f"Ours w/o mask beats sampled-token OPD, pair {pair_seed}"]
+        assert one["n"] == 2 and one["diff_mean"] == pytest.approx(gain * on_avg)
+    improves = claims.loc["Sampled-token OPD improves on the student"]  # each run against its own pair's student
+    assert improves["n"] == 6 and improves["diff_mean"] == pytest.approx((0.4 + 0.01 + 0.03 - 0.2) * on_avg)

@@ -205,7 +205,7 @@ def evaluate_claim(claim: ClaimSpec, runs: list, matches, hardest_split) -> Clai
     key = f"{split}/{claim.metric}"
     sides = []
     for side in (claim.a, claim.b):
-        picked = [r for r in runs if matches(r, side.where)] if side.who == "student_after" else runs
+        picked = [r for r in runs if matches(r, side.where)]
         sides.append(values_by_seed(picked, side.who, key))
     teacher, before = (list(values_by_seed(runs, who, key).values()) for who in ("teacher", "student_before"))
     room = sum(teacher) / len(teacher) - sum(before) / len(before) if teacher and before else math.nan

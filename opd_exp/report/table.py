@@ -193,7 +193,7 @@ def rows_table(ts: TableSpec, runs: list[Run], usable: list[Run]) -> Table:
     splits, headers = expand_columns(ts.columns, usable, ts.metric)
     table = Table(ts.name, ts.title, ts.metric, headers)
     for row in ts.rows:
-        picked = [r for r in usable if matches(r, row.where)] if row.who == "student_after" else usable
+        picked = [r for r in usable if matches(r, row.where)]  # teacher / student_before rows too (one pair)
         fill_row(table, row.label, picked, row.who, splits, headers)
         if not picked and any(matches(r, row.where) for r in runs):
             table.notes.append(f"row '{row.label}': no finished run yet")
