@@ -10,7 +10,8 @@ For a claim measured on n seeds with paired-difference interval [lo, hi], the pa
 (power 0.8). It reports n' for a = 0.05 and for a = 0.05 / m (m: the claims of that report; Holm's first
 step, the strictest), capped at --max-seeds. Training-dynamics claims (metric train/..., in the curve's
 own units) are left out: the target is in points of accuracy. A spread measured on few seeds is itself
-uncertain: the plan is a starting point, to be checked when the new seeds come in. Writes a Markdown table
+uncertain: the plan is a starting point, to be checked when the new seeds come in. A claim read over pairs
+(``over: pairs``, experiment=pair_seeds) counts pairs, not seeds. Writes a Markdown table
 (stdout, and --out).
 """
 
@@ -59,7 +60,8 @@ def plan(paths: list[Path], effect: float, max_seeds: int) -> list[str]:
             sd = paired_sd(lo, hi, n)
             need = [seeds_needed(sd, effect, a, max_seeds) for a in (0.05, 0.05 / m)]
             shown = [str(k) if k is not None else f"> {max_seeds}" for k in need]
-            lines.append(f"| {path.parent.name} | {r['claim']} | {r.get('group') or 'all'} | {r['split']} | {n} | "
+            claim = r["claim"] + (" (n: pairs)" if r.get("over") == "pairs" else "")
+            lines.append(f"| {path.parent.name} | {claim} | {r.get('group') or 'all'} | {r['split']} | {n} | "
                          f"{sd * 100:.2f} | {mde(sd, n) * 100:.1f} | {shown[0]} | {shown[1]} |")
     return lines
 

@@ -68,6 +68,27 @@ def test_every_game_is_won_by_its_walkthrough(task):
         assert ep.won and ep.invalid == 0
 
 
+def test_episodes_of_one_game_side_by_side_keep_their_own_state(task):
+    """Episodes share the game loaded once per process (env.loaded_textworld_game) but not its progression:
+    one walks the walkthrough while another, interleaved with it, stays put; each sees what an engine of its
+    own (a fresh textworld.start) sees, and a second reset starts over."""
+    import textworld
+
+    ex = task.train[0]
+    walker, idler = TextWorldEpisode(ex.file, ex.goal), TextWorldEpisode(ex.file, ex.goal)
+    own = textworld.start(ex.file, textworld.EnvInfos(won=True, lost=True))
+    own.reset()
+    assert walker.reset() == idler.reset() == ex.first_observation
+    for action in ex.walkthrough:
+        obs, _ = walker.step(action)
+        state, _, _ = own.step(action)
+        assert obs == ("you won." if state["won"] else walker._observe(state))
+        idle_obs, idle_done = idler.step("look")
+        assert not idle_done and not idler.won
+    assert walker.won and not idler.won
+    assert walker.reset() == ex.first_observation and not walker.won
+
+
 def test_hard_split_has_one_more_room():
     easy, hard = design(5, GameKnobs(rooms=2)), design(5, GameKnobs(rooms=3))
     assert len(easy.rooms) == 2 and len(hard.rooms) == 3

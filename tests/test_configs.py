@@ -186,6 +186,9 @@ def test_reproduce_script_default_runs_every_table_with_the_committed_lrs_then_t
     assert names[-1] == "estimators"
     assert names.index("mismatch_collapse") < names.index("math_main")  # T1's report embeds the collapse study
     assert names.index("multitask") < names.index("ablation_support_multitask")  # V1 reuses T2's cells
+    assert names.index("math_main") < names.index("pair_seeds")  # its pair-0 cells are T1's (reused)
+    bootstraps = [line for line in out.splitlines() if "--pair-only experiment=pair_seeds" in line]
+    assert [line.split("model.bootstrap.seed=")[1].split()[0] for line in bootstraps] == ["0", "1", "2"]
 
 
 def test_reproduce_script_real_scale_runs_the_paper_setup_and_each_sweep_validates():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 import types
@@ -728,10 +729,12 @@ def test_pair_seeds_report_pools_pairs_and_keeps_each_pair_apart(tmp_path):
     assert row(pd.read_csv(out / "main.csv"), "Student", "id")["n"] == 6
     claims = pd.read_csv(out / "claims.csv").set_index("claim")
     on_avg = (1 + 1 + 0.5) / 3  # the claims read the split average; `wide` scores half (results_for)
-    pooled = claims.loc["Ours w/o mask beats sampled-token OPD"]
-    assert pooled["n"] == 6 and pooled["diff_mean"] == pytest.approx(0.1 / 3 * on_avg)
+    pooled = claims.loc["Ours w/o mask beats sampled-token OPD"]  # over: pairs, one mean difference a pair
+    assert pooled["n"] == 3 and pooled["diff_mean"] == pytest.approx(0.1 / 3 * on_avg)
+    assert pooled["diff_ci_hi"] - pooled["diff_ci_lo"] == pytest.approx(
+        2 * t_quantile(0.975, 2) * statistics.stdev([0.1, 0.1, -0.1]) * on_avg / math.sqrt(3), rel=1e-6)
     for pair_seed, gain in ((0, 0.1), (1, 0.1), (2, -0.1)):
         one = claims.loc[f"Ours w/o mask beats sampled-token OPD, pair {pair_seed}"]
         assert one["n"] == 2 and one["diff_mean"] == pytest.approx(gain * on_avg)
     improves = claims.loc["Sampled-token OPD improves on the student"]  # each run against its own pair's student
-    assert improves["n"] == 6 and improves["diff_mean"] == pytest.approx((0.4 + 0.01 + 0.03 - 0.2) * on_avg)
+    assert improves["n"] == 3 and improves["diff_mean"] == pytest.approx((0.4 + 0.01 + 0.03 - 0.2) * on_avg)

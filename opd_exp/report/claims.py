@@ -5,11 +5,13 @@ A claim compares two sides of a table, ``a`` and ``b`` (each a ``who`` evaluatio
 ``lower`` or ``similar``. A training-dynamics claim (the paper's appendix: shorter responses, lower gradient norm
 and clip fraction, entropy kept) names a training curve as its metric, ``train/<name>``, read as each run's mean
 over the last ``window`` of its steps (both sides trained runs, compared at the same steps, in the curve's units).
-Each seed gives one paired difference d_s = a_s - b_s (the runs of a seed share the
-pair, the prompts and the seed; teacher and student_before are the same for every seed, so they pair with
-anything). Per claim: mean(d) with its 95% t-interval, the paired t-test's two-sided p, for a ``similar`` claim
-the equivalence test's p (TOST within +-``margin``), and the minimum detectable effect (MDE: the true mean(d)
-the test detects with power 0.8 at alpha 0.05 and these seeds' spread). The p-values of one report (every
+Each replicate (pair seed, run seed) gives one paired difference d_s = a_s - b_s (the runs of a replicate share the
+pair, the prompts and the seed; teacher and student_before are the same for every seed of a pair, so they pair with
+any of its runs); with ``over: pairs`` each pair's mean of its d_s is one observation instead, the pair being the
+unit (a sweep over ``model.bootstrap.seed``, conf/experiment/pair_seeds.yaml). Per claim: mean(d) with its 95%
+t-interval, the paired t-test's two-sided p, for a ``similar`` claim the equivalence test's p (TOST within
++-``margin``), and the minimum detectable effect (MDE: the true mean(d) the test detects with power 0.8 at alpha
+0.05 and these seeds' spread). The p-values of one report (every
 claim and facet group of an experiment) are Holm-adjusted as one family; the verdict reads the adjusted p:
 
     higher / lower:  reproduces                 adjusted p < 0.05, mean(d) on the paper's side
@@ -36,6 +38,7 @@ Declared in an experiment file's ``report.claims`` (conf/experiment/math_main.ya
         expect: higher
         margin: 0.02                # similar claims: the equivalence margin (absolute; 0.02 = 2 points)
         untestable: ""              # or why this scale cannot test the claim
+        over: replicates            # or pairs (a sweep over model.bootstrap.seed): one mean difference per pair
       - claim: "LSM gives shorter responses"
         metric: train/response_len  # a training curve (metrics.jsonl), in its own units
         window: 0.25                # each run's mean over its last quarter of steps
@@ -81,6 +84,9 @@ class ClaimSpec:
                               "points of accuracy)", gt=0.0)
     window: float = spec(0.25, "train/ metrics: the final share of each run's steps averaged", gt=0.0, le=1.0)
     untestable: str = spec("", "why this scale cannot test the claim (empty: it is tested)")
+    over: str = spec("replicates", "the unit of replication: every (pair seed, run seed), or `pairs`: each "
+                                   "pair's mean difference over its run seeds is one observation",
+                     choices=["replicates", "pairs"])
 
 
 @dataclass
@@ -223,9 +229,21 @@ def _evaluate_curve_claim(claim: ClaimSpec, runs: list, matches) -> ClaimResult:
     return _compared(claim, f"last {claim.window:.0%} of steps", a, b, math.nan)
 
 
+def per_pair_means(diffs: dict[tuple, float]) -> list[float]:
+    """replicate (pair seed, run seed) -> difference, to one mean difference per pair seed: the two-stage test
+    of a random pair effect, since the run seeds of one pair share its teacher and student and are not
+    independent draws of a pair."""
+    by_pair: dict[Any, list[float]] = defaultdict(list)
+    for (pair_seed, _), value in diffs.items():
+        by_pair[pair_seed].append(value)
+    return [sum(v) / len(v) for v in by_pair.values()]
+
+
 def _compared(claim: ClaimSpec, split: str, a: dict, b: dict, room: float) -> ClaimResult:
     """The claim's numbers from each side's replicate -> value: the paired differences and their tests."""
     paired = [a[s] - b[s] for s in a if s in b]
+    if claim.over == "pairs":
+        paired = per_pair_means({s: a[s] - b[s] for s in a if s in b})
     return ClaimResult(claim, split, mean_ci(list(a.values())), mean_ci(list(b.values())), mean_ci(paired),
                        p=paired_t_p(paired), p_equiv=tost_p(paired, claim.margin) if claim.expect == "similar"
                        else math.nan, mde=min_detectable_effect(paired), room=room)
@@ -282,7 +300,8 @@ def claims_frame(results: list[tuple[str, ClaimResult]]):
     rows = [{"claim": r.spec.claim, "paper": r.spec.paper, "group": group, "split": r.split,
              "metric": r.spec.metric, "expect": r.spec.expect, "a_mean": r.a.mean, "b_mean": r.b.mean,
              "diff_mean": r.diff.mean, "diff_ci_lo": r.diff.lo, "diff_ci_hi": r.diff.hi, "n": r.diff.n,
-             "p": r.p, "p_equiv": r.p_equiv, "p_holm": r.p_holm, "mde": r.mde, "teacher_lead": r.room,
-             "margin": r.spec.margin if r.spec.expect == "similar" else math.nan, "verdict": r.verdict}
+             "over": r.spec.over, "p": r.p, "p_equiv": r.p_equiv, "p_holm": r.p_holm, "mde": r.mde,
+             "teacher_lead": r.room, "margin": r.spec.margin if r.spec.expect == "similar" else math.nan,
+             "verdict": r.verdict}
             for group, r in results]
     return pd.DataFrame(rows)
