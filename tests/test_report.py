@@ -686,7 +686,7 @@ def test_seed_plan_leaves_training_dynamics_claims_out(tmp_path):
 def test_pair_seeds_are_replicates(tmp_path):
     """A sweep over model.bootstrap.seed (independently bootstrapped pairs) x seed: one cell per recipe, whose
     replicates are (pair seed, run seed); the teacher varies with the pair, so its row has an interval over
-    the 4 replicates, and claims pair a run with the teacher of its own pair."""
+    the 2 pairs, and claims pair a run with the teacher of its own pair."""
     sweep = tmp_path / "multirun" / "math_main"
     for pair_seed in (0, 1):
         for seed in (0, 1):
@@ -701,7 +701,8 @@ def test_pair_seeds_are_replicates(tmp_path):
     assert main([str(sweep), "--out", str(out)]) == 0
     table = pd.read_csv(out / "main.csv")
     teacher = row(table, "Teacher", "id")
-    assert (teacher["n"], teacher["mean"]) == (4, pytest.approx(0.85)) and teacher["ci_lo"] < 0.8
+    # one teacher per pair: n counts pairs, not the 4 replicates
+    assert (teacher["n"], teacher["mean"]) == (2, pytest.approx(0.85)) and teacher["ci_lo"] < 0.8
     assert row(table, "Ours w/o mask", "id")["n"] == 4
 
 
@@ -726,7 +727,7 @@ def test_pair_seeds_report_pools_pairs_and_keeps_each_pair_apart(tmp_path):
         assert (student["mean"], student["ci_lo"]) == (pytest.approx(0.1 * (pair_seed + 1)),
                                                        pytest.approx(0.1 * (pair_seed + 1) - 0.05))
         assert row(pairs, f"Ours w/o mask, pair {pair_seed}", "id")["n"] == 2
-    assert row(pd.read_csv(out / "main.csv"), "Student", "id")["n"] == 6
+    assert row(pd.read_csv(out / "main.csv"), "Student", "id")["n"] == 3  # one student per pair
     claims = pd.read_csv(out / "claims.csv").set_index("claim")
     on_avg = (1 + 1 + 0.5) / 3  # the claims read the split average; `wide` scores half (results_for)
     pooled = claims.loc["Ours w/o mask beats sampled-token OPD"]  # over: pairs, one mean difference a pair

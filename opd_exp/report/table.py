@@ -116,15 +116,19 @@ def split_names(runs: list[Run]) -> list[str]:
 
 
 def who_values(runs: list[Run], who: str, split: str, metric: str) -> list[float]:
-    """One value per replicate (pair seed, run seed): student_after per run; teacher / student_before averaged
-    over the runs of a replicate."""
+    """student_after: one value per run. teacher / student_before: one value per replicate (pair seed, run
+    seed), averaged over its runs; per pair seed when the runs span several pairs (a pair has one teacher and
+    one student, so its run seeds are not independent draws of them)."""
     key = f"{who}/{split}/{metric}"
-    by_seed: dict[Any, list[float]] = defaultdict(list)
+    several_pairs = len({run.replicate[0] for run in runs}) > 1
+    by_unit: dict[Any, list[float]] = defaultdict(list)
     for i, run in enumerate(runs):
         value = run.results.get(key)
-        if value is not None:
-            by_seed[run.replicate if who != "student_after" else (run.replicate, i)].append(float(value))
-    return [sum(v) / len(v) for v in by_seed.values()]
+        if value is None:
+            continue
+        unit = (run.replicate, i) if who == "student_after" else run.replicate[0] if several_pairs else run.replicate
+        by_unit[unit].append(float(value))
+    return [sum(v) / len(v) for v in by_unit.values()]
 
 
 def hardest_split(runs: list[Run], metric: str) -> str | None:
