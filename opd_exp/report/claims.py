@@ -277,6 +277,10 @@ def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
     if any(is_training(r.spec.metric) for _, r in results):
         lines += ["Training-dynamics claims (metric `train/...`) read each run's curve over its last steps, in the "
                   "curve's own units (tokens, nats, a fraction), not points.", ""]
+    if any(r.spec.over == "pairs" for _, r in results):
+        lines += ["Claims read over pairs (`over: pairs`: n in pairs) take each independently bootstrapped pair's "
+                  "mean difference over its run seeds as one observation: their n counts pairs, their interval "
+                  "and MDE the spread between pairs.", ""]
     lines += ["| claim | paper | group | split | a | b | a - b [95% CI] | n | p | Holm p | MDE / margin | teacher "
               "lead | verdict |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -284,7 +288,8 @@ def claims_markdown(results: list[tuple[str, ClaimResult]]) -> list[str]:
         bound = (f"+-{r.spec.margin * r.scale:g} (MDE {r.number(r.mde)})" if r.spec.expect == "similar"
                  else r.number(r.mde)) if not math.isnan(r.mde) else "–"
         lines.append(f"| {r.spec.claim} | {r.spec.paper} | {group or 'all'} | {r.split} | {_shown(r.a, r.scale)} | "
-                     f"{_shown(r.b, r.scale)} | {_shown(r.diff, r.scale, ci=True)} | {r.diff.n} | {_p(r.test_p)} | "
+                     f"{_shown(r.b, r.scale)} | {_shown(r.diff, r.scale, ci=True)} | {r.diff.n}"
+                     f"{' pairs' if r.spec.over == 'pairs' else ''} | {_p(r.test_p)} | "
                      f"{_p(r.p_holm)} | {bound} | {'–' if math.isnan(r.room) else r.number(r.room)} | {r.verdict} |")
     counts = defaultdict(int)
     for _, r in results:
