@@ -188,7 +188,8 @@ def test_reproduce_script_default_runs_every_table_with_the_committed_lrs_then_t
     assert names.index("multitask") < names.index("ablation_support_multitask")  # V1 reuses T2's cells
     assert names.index("math_main") < names.index("pair_seeds")  # its pair-0 cells are T1's (reused)
     bootstraps = [line for line in out.splitlines() if "--pair-only experiment=pair_seeds" in line]
-    assert [line.split("model.bootstrap.seed=")[1].split()[0] for line in bootstraps] == ["0", "1", "2"]
+    pair_seeds = OmegaConf.load(CONF / "experiment" / "pair_seeds.yaml").hydra.sweeper.params["model.bootstrap.seed"]
+    assert [line.split("model.bootstrap.seed=")[1].split()[0] for line in bootstraps] == str(pair_seeds).split(",")
 
 
 def test_reproduce_script_real_scale_runs_the_paper_setup_and_each_sweep_validates():

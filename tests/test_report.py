@@ -291,8 +291,6 @@ def test_claims_read_paired_differences_over_seeds(tmp_path):
     assert similar["n"] == 2 and similar["verdict"].startswith("not significant (not shown equivalent")
     assert similar["p_holm"] >= similar["p_equiv"] and math.isnan(beats["margin"])
     # student_before pairs with every seed: after - before = 5/6 * (0.2 - 0.1, 0.3 - 0.2, 0.4 - 0.3)
-    readme = (out / "README.md").read_text()
-    assert "| Ours w/o mask beats sampled-token OPD | " in readme and "| 3 pairs |" in readme
     improves = claims.loc["Sampled-token OPD improves on the student"]
     assert improves["diff_mean"] == pytest.approx(5 / 6 * 0.1) and improves["verdict"] == "reproduces"
     assert "## Paper claims at this scale" in (out / "README.md").read_text()
