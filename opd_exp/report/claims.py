@@ -241,9 +241,8 @@ def per_pair_means(diffs: dict[tuple, float]) -> list[float]:
 
 def _compared(claim: ClaimSpec, split: str, a: dict, b: dict, room: float) -> ClaimResult:
     """The claim's numbers from each side's replicate -> value: the paired differences and their tests."""
-    paired = [a[s] - b[s] for s in a if s in b]
-    if claim.over == "pairs":
-        paired = per_pair_means({s: a[s] - b[s] for s in a if s in b})
+    diffs = {s: a[s] - b[s] for s in a if s in b}
+    paired = per_pair_means(diffs) if claim.over == "pairs" else list(diffs.values())
     return ClaimResult(claim, split, mean_ci(list(a.values())), mean_ci(list(b.values())), mean_ci(paired),
                        p=paired_t_p(paired), p_equiv=tost_p(paired, claim.margin) if claim.expect == "similar"
                        else math.nan, mde=min_detectable_effect(paired), room=room)
