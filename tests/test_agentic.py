@@ -83,7 +83,7 @@ def test_episodes_of_one_game_side_by_side_keep_their_own_state(task):
         obs, _ = walker.step(action)
         state, _, _ = own.step(action)
         assert obs == ("you won." if state["won"] else walker._observe(state))
-        idle_obs, idle_done = idler.step("look")
+        _, idle_done = idler.step("look")
         assert not idle_done and not idler.won
     assert walker.won and not idler.won
     assert walker.reset() == ex.first_observation and not walker.won

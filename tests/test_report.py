@@ -707,8 +707,9 @@ def test_pair_seeds_are_replicates(tmp_path):
 
 
 def test_pair_seeds_report_pools_pairs_and_keeps_each_pair_apart(tmp_path):
-    """experiment=pair_seeds: the pooled claims pair over every (pair seed, run seed); a row or claim whose
-    `where` names a pair seed reads that pair alone, Student rows included (each pair has its own student)."""
+    """experiment=pair_seeds: the pooled claims (over: pairs) take one mean difference per pair, each run paired
+    with its own pair's student; a row or claim whose `where` names a pair seed reads that pair alone, Student
+    rows included (each pair has its own student)."""
     sweep = tmp_path / "multirun" / "pair_seeds"
     for pair_seed in (0, 1, 2):
         for seed in (0, 1):
